@@ -1,0 +1,214 @@
+"""Label sets: the official IDD (AutoNUE) hierarchy at levels 1-4, and custom ``id2label`` files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+IGNORE_INDEX = 255
+
+
+class RawLabel(NamedTuple):
+    """One row of the official AutoNUE label table (``helpers/anue_labels.py``)."""
+
+    name: str
+    raw_id: int
+    level4: int
+    level3: int
+    level2: int
+    level1: int
+    color: tuple[int, int, int]
+
+
+# The official table, in its order. 255 at a level means "ignored at that level".
+RAW_LABELS: tuple[RawLabel, ...] = (
+    RawLabel("road", 0, 0, 0, 0, 0, (128, 64, 128)),
+    RawLabel("parking", 1, 1, 1, 1, 0, (250, 170, 160)),
+    RawLabel("drivable fallback", 2, 2, 1, 1, 0, (81, 0, 81)),
+    RawLabel("sidewalk", 3, 3, 2, 2, 1, (244, 35, 232)),
+    RawLabel("rail track", 4, 3, 3, 3, 1, (230, 150, 140)),
+    RawLabel("non-drivable fallback", 5, 4, 3, 3, 1, (152, 251, 152)),
+    RawLabel("person", 6, 5, 4, 4, 2, (220, 20, 60)),
+    RawLabel("animal", 7, 6, 4, 4, 2, (246, 198, 145)),
+    RawLabel("rider", 8, 7, 5, 5, 2, (255, 0, 0)),
+    RawLabel("motorcycle", 9, 8, 6, 6, 3, (0, 0, 230)),
+    RawLabel("bicycle", 10, 9, 7, 6, 3, (119, 11, 32)),
+    RawLabel("autorickshaw", 11, 10, 8, 7, 3, (255, 204, 54)),
+    RawLabel("car", 12, 11, 9, 7, 3, (0, 0, 142)),
+    RawLabel("truck", 13, 12, 10, 8, 3, (0, 0, 70)),
+    RawLabel("bus", 14, 13, 11, 8, 3, (0, 60, 100)),
+    RawLabel("caravan", 15, 14, 12, 8, 3, (0, 0, 90)),
+    RawLabel("trailer", 16, 15, 12, 8, 3, (0, 0, 110)),
+    RawLabel("train", 17, 15, 12, 8, 3, (0, 80, 100)),
+    RawLabel("vehicle fallback", 18, 15, 12, 8, 3, (136, 143, 153)),
+    RawLabel("curb", 19, 16, 13, 9, 4, (220, 190, 40)),
+    RawLabel("wall", 20, 17, 14, 9, 4, (102, 102, 156)),
+    RawLabel("fence", 21, 18, 15, 10, 4, (190, 153, 153)),
+    RawLabel("guard rail", 22, 19, 16, 10, 4, (180, 165, 180)),
+    RawLabel("billboard", 23, 20, 17, 11, 4, (174, 64, 67)),
+    RawLabel("traffic sign", 24, 21, 18, 11, 4, (220, 220, 0)),
+    RawLabel("traffic light", 25, 22, 19, 11, 4, (250, 170, 30)),
+    RawLabel("pole", 26, 23, 20, 12, 4, (153, 153, 153)),
+    RawLabel("polegroup", 27, 23, 20, 12, 4, (153, 153, 153)),
+    RawLabel("obs-str-bar-fallback", 28, 24, 21, 12, 4, (169, 187, 214)),
+    RawLabel("building", 29, 25, 22, 13, 5, (70, 70, 70)),
+    RawLabel("bridge", 30, 26, 23, 13, 5, (150, 100, 100)),
+    RawLabel("tunnel", 31, 26, 23, 13, 5, (150, 120, 90)),
+    RawLabel("vegetation", 32, 27, 24, 14, 5, (107, 142, 35)),
+    RawLabel("sky", 33, 28, 25, 15, 6, (70, 130, 180)),
+    RawLabel("fallback background", 34, 29, 25, 15, 6, (169, 187, 214)),
+    RawLabel("unlabeled", 35, 255, 255, 255, 255, (0, 0, 0)),
+    RawLabel("ego vehicle", 36, 255, 255, 255, 255, (0, 0, 0)),
+    RawLabel("rectification border", 37, 255, 255, 255, 255, (0, 0, 0)),
+    RawLabel("out of roi", 38, 255, 255, 255, 255, (0, 0, 0)),
+    RawLabel("license plate", 39, 255, 255, 255, 255, (0, 0, 142)),
+)
+
+# Level-2 and level-1 group names are not rows of the raw table; the official README names them.
+LEVEL2_NAMES = (
+    "road", "drivable fallback", "sidewalk", "non-drivable fallback", "person", "rider", "2-wheeler",
+    "car-auto", "large-vehicle", "curb-wall", "fence-guard rail", "info-structures", "obs-fallback",
+    "construction", "vegetation", "sky",
+)
+LEVEL1_NAMES = (
+    "drivable", "non-drivable", "living-things", "vehicles", "road-side-objs", "far-objects", "sky",
+)
+# At level 3 a merged id takes the name of the row whose name it keeps in the benchmark table.
+LEVEL3_NAMES = (
+    "road", "drivable fallback", "sidewalk", "non-drivable fallback", "person", "rider", "motorcycle",
+    "bicycle", "autorickshaw", "car", "truck", "bus", "vehicle fallback", "curb", "wall", "fence",
+    "guard rail", "billboard", "traffic sign", "traffic light", "pole", "obs-str-bar-fallback",
+    "building", "bridge", "vegetation", "sky",
+)
+IDD_LEVELS = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Class names and colours indexed by training id, plus the coarser levels they fold into."""
+
+    name: str
+    id2label: dict[int, str]
+    colors: dict[int, tuple[int, int, int]]
+    coarser: dict[str, dict[int, int]] = field(default_factory=dict)
+    coarser_names: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (ids are 0..num_labels-1)."""
+        return len(self.id2label)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """Inverse of ``id2label``."""
+        return {name: idx for idx, name in self.id2label.items()}
+
+    @property
+    def palette(self) -> np.ndarray:
+        """A (256, 3) uint8 colour table; ignore and unused ids are black."""
+        table = np.zeros((256, 3), dtype=np.uint8)
+        for idx, color in self.colors.items():
+            table[idx] = color
+        return table
+
+    def lookup_to(self, level: str) -> np.ndarray:
+        """A 256-entry uint8 table mapping this set's ids to a coarser level (255 stays 255)."""
+        table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        for src, dst in self.coarser[level].items():
+            table[src] = dst
+        return table
+
+
+def _first_row_per_id(level_attr: str) -> dict[int, RawLabel]:
+    rows: dict[int, RawLabel] = {}
+    for row in RAW_LABELS:
+        idx = getattr(row, level_attr)
+        if idx != IGNORE_INDEX:
+            rows.setdefault(idx, row)
+    return rows
+
+
+def raw_name_to_id(level: int = 3) -> dict[str, int]:
+    """Map every raw IDD polygon label name to its training id at ``level`` (255 = ignore)."""
+    if level not in IDD_LEVELS:
+        raise ValueError(f"IDD level must be one of {IDD_LEVELS}, got {level}")
+    return {row.name: getattr(row, f"level{level}") for row in RAW_LABELS}
+
+
+def idd_label_set(level: int = 3) -> LabelSet:
+    """The official IDD label set at ``level`` (1-4), with mappings to every coarser level."""
+    if level not in IDD_LEVELS:
+        raise ValueError(f"IDD level must be one of {IDD_LEVELS}, got {level}")
+    first_rows = _first_row_per_id(f"level{level}")
+    if level == 4:
+        level3_names = set(LEVEL3_NAMES)
+        names = {}
+        for idx in first_rows:
+            sharing = [r.name for r in RAW_LABELS if r.level4 == idx]
+            names[idx] = next((n for n in sharing if n in level3_names), sharing[0])
+        colors = {idx: next(r.color for r in RAW_LABELS if r.name == names[idx]) for idx in names}
+    else:
+        table_names = {1: LEVEL1_NAMES, 2: LEVEL2_NAMES, 3: LEVEL3_NAMES}[level]
+        names = dict(enumerate(table_names))
+        # A level-1/2 group is drawn in the colour of the first level-3 class it holds.
+        level3_colors = {r.level3: r.color for r in RAW_LABELS if r.name in LEVEL3_NAMES}
+        colors = {idx: level3_colors[row.level3] for idx, row in first_rows.items()}
+    coarser = {
+        f"level{coarse}": {idx: getattr(row, f"level{coarse}") for idx, row in first_rows.items()}
+        for coarse in IDD_LEVELS
+        if coarse < level
+    }
+    coarser_names = {
+        f"level{coarse}": dict(enumerate({1: LEVEL1_NAMES, 2: LEVEL2_NAMES, 3: LEVEL3_NAMES}[coarse]))
+        for coarse in IDD_LEVELS
+        if coarse < level
+    }
+    return LabelSet(f"idd-level{level}", names, colors, coarser, coarser_names)
+
+
+def _default_color(idx: int) -> tuple[int, int, int]:
+    # A fixed golden-ratio hue walk keeps custom classes distinguishable without a colour file.
+    hue = (idx * 0.618033988749895) % 1.0
+    rgb = np.clip(np.abs(((hue * 6 + np.array([0, 4, 2])) % 6) - 3) - 1, 0, 1)
+    return tuple(int(v) for v in (rgb * 200 + 40).round())
+
+
+def load_id2label_file(path: str | Path) -> LabelSet:
+    """A custom label set from a JSON file: ``{"0": "road", ...}`` or ``{"id2label": {...}, "colors": {...}}``."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read label set JSON ({err})") from err
+    id2label_raw = payload.get("id2label", payload) if isinstance(payload, dict) else None
+    if not isinstance(id2label_raw, dict) or not id2label_raw:
+        raise ValueError(f"{path}: expected a JSON object mapping class ids to names")
+    try:
+        id2label = {int(k): str(v) for k, v in id2label_raw.items()}
+    except ValueError as err:
+        raise ValueError(f"{path}: class ids must be integers ({err})") from err
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(f"{path}: class ids must be 0..{len(id2label) - 1} without gaps, got {sorted(id2label)}")
+    if len(id2label) >= IGNORE_INDEX:
+        raise ValueError(f"{path}: at most {IGNORE_INDEX} classes are supported (255 means ignore)")
+    colors_raw = payload.get("colors", {}) if "id2label" in payload else {}
+    colors = {idx: tuple(int(c) for c in colors_raw.get(str(idx), _default_color(idx))) for idx in id2label}
+    return LabelSet(path.stem, id2label, colors)
+
+
+def get_label_set(spec: str = "idd-level3") -> LabelSet:
+    """Resolve ``idd-level1..4`` (or ``idd``, meaning level 3) or a path to an ``id2label`` JSON file."""
+    if spec in ("idd", "idd-level3"):
+        return idd_label_set(3)
+    if spec.startswith("idd-level") and spec[len("idd-level"):].isdigit():
+        return idd_label_set(int(spec[len("idd-level"):]))
+    if spec.endswith(".json") or Path(spec).is_file():
+        return load_id2label_file(spec)
+    raise ValueError(
+        f"unknown label set {spec!r}: use idd-level1, idd-level2, idd-level3, idd-level4 "
+        "or the path of an id2label JSON file"
+    )
