@@ -1,0 +1,200 @@
+"""Loading or building Mask2Former (Hub id, local folder, offline tiny config), resizing the head, freezing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+from transformers.utils import is_torchvision_available
+from transformers.utils import logging as hf_logging
+
+from .hub import hub_is_reachable
+from .labels import IGNORE_INDEX, LabelSet
+
+logger = hf_logging.get_logger(__name__)
+
+TINY_MODEL = "tiny"
+DEFAULT_CHECKPOINT = "facebook/mask2former-swin-small-cityscapes-semantic"
+TINY_SHORTEST_EDGE = 512
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be loaded; the message is one line a user can act on."""
+
+
+def image_processor_class() -> type:
+    """The Mask2Former image-processor class that works in this environment, without fallback warnings."""
+    # Without torchvision transformers>=5 falls back to the PIL backend anyway, but warns on every load.
+    if not is_torchvision_available() and hasattr(transformers, "Mask2FormerImageProcessorPil"):
+        return transformers.Mask2FormerImageProcessorPil
+    return transformers.Mask2FormerImageProcessor
+
+
+def build_tiny_config(label_set: LabelSet) -> Mask2FormerConfig:
+    """A ~1.5 M-parameter Mask2Former with a Swin backbone, for offline demos, tests and benchmarks."""
+    backbone = SwinConfig(
+        image_size=224,
+        patch_size=4,
+        embed_dim=24,
+        depths=[2, 2, 2, 2],
+        num_heads=[1, 2, 3, 6],
+        window_size=7,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    return Mask2FormerConfig(
+        backbone_config=backbone,
+        feature_size=64,
+        mask_feature_size=64,
+        hidden_dim=64,
+        encoder_feedforward_dim=128,
+        dim_feedforward=128,
+        encoder_layers=2,
+        decoder_layers=3,
+        num_attention_heads=4,
+        num_queries=32,
+        train_num_points=4096,
+        id2label=dict(label_set.id2label),
+        label2id=label_set.label2id,
+    )
+
+
+def _check_local_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: model folder not found")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: no config.json in this folder, so it is not a saved model")
+
+
+def load_model(
+    model_name_or_path: str,
+    label_set: LabelSet,
+    revision: str = "main",
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+) -> Mask2FormerForUniversalSegmentation:
+    """Load a Mask2Former from a Hub id or folder (or build ``tiny``) with the head sized to ``label_set``."""
+    if model_name_or_path == TINY_MODEL:
+        logger.info("building a randomly initialised tiny Mask2Former (offline)")
+        return Mask2FormerForUniversalSegmentation(build_tiny_config(label_set))
+    local = Path(model_name_or_path).expanduser()
+    if local.exists() or model_name_or_path.startswith((".", "/", "~")):
+        _check_local_folder(local)
+        source = str(local)
+    else:
+        source = model_name_or_path
+    try:
+        model, info = Mask2FormerForUniversalSegmentation.from_pretrained(
+            source,
+            id2label=dict(label_set.id2label),
+            label2id=label_set.label2id,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            # Offline, go straight to the local cache instead of waiting through the Hub client's retries.
+            local_files_only=source == model_name_or_path and not hub_is_reachable(),
+        )
+    except (OSError, ValueError) as err:
+        if source != model_name_or_path:
+            raise ModelLoadError(f"{source}: cannot load the model ({str(err).splitlines()[0]})") from err
+        raise ModelLoadError(
+            f"cannot fetch {model_name_or_path!r} from the Hugging Face Hub (offline, or no such model): "
+            f"pass a local model folder or --model_name_or_path {TINY_MODEL}"
+        ) from err
+    reinitialised = sorted(key for key, *_ in info.get("mismatched_keys", ()))
+    if reinitialised:
+        logger.warning(
+            "%s has another number of classes than the label set %s (%d): re-initialised %s",
+            model_name_or_path,
+            label_set.name,
+            label_set.num_labels,
+            ", ".join(reinitialised),
+        )
+    return model
+
+
+def load_image_processor(model_name_or_path: str, shortest_edge: int | None = None, **kwargs):
+    """The image processor of a checkpoint (or a default one for ``tiny``), set to ignore label 255."""
+    processor_cls = image_processor_class()
+    overrides = {"ignore_index": IGNORE_INDEX, "do_reduce_labels": False, **kwargs}
+    if shortest_edge is not None:
+        overrides["size"] = {"shortest_edge": shortest_edge, "longest_edge": shortest_edge * 4}
+    if model_name_or_path == TINY_MODEL:
+        overrides.setdefault("size", {"shortest_edge": TINY_SHORTEST_EDGE, "longest_edge": TINY_SHORTEST_EDGE * 4})
+        return processor_cls(**overrides)
+    is_local = Path(model_name_or_path).expanduser().exists()
+    try:
+        return processor_cls.from_pretrained(
+            model_name_or_path, local_files_only=not is_local and not hub_is_reachable(), **overrides
+        )
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot load the image processor of {model_name_or_path!r} (offline, or no preprocessor_config.json)"
+        ) from err
+
+
+FROZEN_PARTS = {
+    "backbone": "model.pixel_level_module.encoder",
+    "pixel_decoder": "model.pixel_level_module.decoder",
+}
+
+
+def frozen_modules(model: Mask2FormerForUniversalSegmentation, parts: tuple[str, ...]) -> list[torch.nn.Module]:
+    """The modules named by ``parts`` (``backbone``, ``pixel_decoder``), found by attribute, never by substring."""
+    modules = []
+    for part in parts:
+        if part not in FROZEN_PARTS:
+            raise ValueError(f"unknown part {part!r}; choose from {sorted(FROZEN_PARTS)}")
+        modules.append(model.get_submodule(FROZEN_PARTS[part]))
+    return modules
+
+
+def freeze(model: Mask2FormerForUniversalSegmentation, parts: tuple[str, ...]) -> dict[str, int]:
+    """Freeze ``parts`` (no gradients, eval mode) and return trainable and frozen parameter counts."""
+    for module in frozen_modules(model, parts):
+        module.requires_grad_(False)
+        module.eval()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable_parameters": trainable, "frozen_parameters": frozen}
+
+
+def semantic_maps_from_outputs(
+    class_queries_logits: torch.Tensor,
+    masks_queries_logits: torch.Tensor,
+    target_sizes: list[tuple[int, int]],
+    valid_sizes: list[tuple[int, int]] | None = None,
+    input_size: tuple[int, int] | None = None,
+    query_chunk: int = 16,
+) -> list[torch.Tensor]:
+    """Per-image label maps at ``target_sizes``, upsampling mask logits directly (no fixed 384x384 step).
+
+    ``input_size`` is the padded (H, W) fed to the model and ``valid_sizes`` the unpadded part of each image
+    in it; the padding is cropped away before the final resize. Queries are upsampled ``query_chunk`` at a time
+    so a 1080p map needs memory for the class scores, not for every query at full size.
+    """
+    class_probs = class_queries_logits.softmax(dim=-1)[..., :-1]
+    maps = []
+    for index, target_size in enumerate(target_sizes):
+        mask_logits = masks_queries_logits[index]
+        if valid_sizes is not None:
+            if input_size is None:
+                raise ValueError("valid_sizes needs the padded input_size")
+            # Cut the padded border in mask resolution first: rows/cols proportional to the valid part.
+            scale_h = mask_logits.shape[-2] / input_size[0]
+            scale_w = mask_logits.shape[-1] / input_size[1]
+            valid_h, valid_w = valid_sizes[index]
+            crop_h, crop_w = max(1, round(valid_h * scale_h)), max(1, round(valid_w * scale_w))
+            mask_logits = mask_logits[:, :crop_h, :crop_w]
+        scores = None
+        for start in range(0, mask_logits.shape[0], query_chunk):
+            upsampled = torch.nn.functional.interpolate(
+                mask_logits[None, start : start + query_chunk], size=target_size, mode="bilinear", align_corners=False
+            )[0].sigmoid()
+            chunk_scores = torch.einsum("qc,qhw->chw", class_probs[index, start : start + query_chunk], upsampled)
+            scores = chunk_scores if scores is None else scores + chunk_scores
+        maps.append(scores.argmax(dim=0))
+    return maps

@@ -1,0 +1,129 @@
+"""Loading, building, head resizing and freezing of Mask2Former."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Mask2FormerForUniversalSegmentation, SwinConfig
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as hf_logging
+
+from roadseg_utils import modeling
+from roadseg_utils.labels import idd_label_set, load_id2label_file
+from roadseg_utils.modeling import ModelLoadError, freeze, load_image_processor, load_model
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = load_model("tiny", idd_label_set(3))
+    folder = tmp_path_factory.mktemp("tiny26")
+    model.save_pretrained(folder)
+    load_image_processor("tiny").save_pretrained(folder)
+    return folder, model
+
+
+def test_tiny_model_is_small_swin_with_label_set_head():
+    label_set = idd_label_set(3)
+    model = load_model("tiny", label_set)
+    assert isinstance(model.config.backbone_config, SwinConfig)
+    assert sum(p.numel() for p in model.parameters()) <= 2_000_000
+    assert model.class_predictor.out_features == label_set.num_labels + 1  # + "no object"
+    assert model.config.id2label == label_set.id2label
+
+
+def test_head_resized_to_other_label_set_with_warning(saved_tiny, tmp_path):
+    folder, original = saved_tiny
+    custom = tmp_path / "labels.json"
+    custom.write_text('{"0": "road", "1": "vehicle", "2": "sky"}')
+    label_set = load_id2label_file(custom)
+    logger = hf_logging.get_logger(modeling.__name__)
+    with CaptureLogger(logger) as captured:
+        model = load_model(str(folder), label_set)
+    assert "class_predictor.weight" in captured.out and "re-initialised" in captured.out
+    assert model.class_predictor.out_features == 4
+    assert model.config.id2label == {0: "road", 1: "vehicle", 2: "sky"}
+    loaded = dict(model.named_parameters())
+    for name, param in original.named_parameters():
+        if not name.startswith("class_predictor"):
+            assert torch.equal(loaded[name], param), name
+
+
+def test_same_label_set_reloads_every_weight(saved_tiny):
+    folder, original = saved_tiny
+    model = load_model(str(folder), idd_label_set(3))
+    for (name, a), (_, b) in zip(original.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_offline_hub_id_gives_one_clear_line(monkeypatch):
+    monkeypatch.setattr(modeling, "hub_is_reachable", lambda: False)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("roadseg-tests/no-such-model-xyz", idd_label_set(3))
+    message = str(info.value)
+    assert "\n" not in message and "roadseg-tests/no-such-model-xyz" in message and "tiny" in message
+
+
+def test_bad_local_folders(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(str(tmp_path / "missing"), idd_label_set(3))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path), idd_label_set(3))
+
+
+def test_image_processor_ignores_255_and_round_trips(saved_tiny):
+    folder, _ = saved_tiny
+    processor = load_image_processor(str(folder))
+    assert processor.ignore_index == 255 and processor.do_reduce_labels is False
+    assert processor.size.shortest_edge == load_image_processor("tiny").size.shortest_edge
+
+
+def test_freeze_by_attribute_not_by_name(saved_tiny):
+    model = Mask2FormerForUniversalSegmentation(saved_tiny[1].config)
+    counts = freeze(model, ("backbone", "pixel_decoder"))
+    pixel_level = model.model.pixel_level_module
+    assert all(not p.requires_grad for p in pixel_level.parameters())
+    assert not pixel_level.encoder.training and not pixel_level.decoder.training
+    # The pixel decoder has its own `.encoder`; the transformer decoder must stay trainable.
+    assert all(p.requires_grad for p in model.model.transformer_module.parameters())
+    assert all(p.requires_grad for p in model.class_predictor.parameters())
+    assert counts["trainable_parameters"] + counts["frozen_parameters"] == sum(p.numel() for p in model.parameters())
+    assert counts["frozen_parameters"] == sum(p.numel() for p in pixel_level.parameters())
+
+    partial = Mask2FormerForUniversalSegmentation(saved_tiny[1].config)
+    freeze(partial, ("backbone",))
+    assert all(p.requires_grad for p in partial.model.pixel_level_module.decoder.parameters())
+    with pytest.raises(ValueError, match="unknown part"):
+        freeze(partial, ("encoder",))
+
+
+def test_semantic_maps_match_upstream_at_its_working_size():
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
+
+    from roadseg_utils.modeling import image_processor_class, semantic_maps_from_outputs
+
+    generator = torch.Generator().manual_seed(0)
+    class_logits = torch.randn(2, 10, 6, generator=generator)
+    mask_logits = torch.randn(2, 10, 96, 96, generator=generator) * 4
+    outputs = Mask2FormerForUniversalSegmentationOutput(
+        class_queries_logits=class_logits, masks_queries_logits=mask_logits
+    )
+    upstream = image_processor_class()().post_process_semantic_segmentation(outputs, target_sizes=[(384, 384)] * 2)
+    ours = semantic_maps_from_outputs(class_logits, mask_logits, [(384, 384)] * 2, query_chunk=3)
+    for a, b in zip(upstream, ours, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_semantic_maps_crop_padding_before_resizing():
+    from roadseg_utils.modeling import semantic_maps_from_outputs
+
+    # One query covers the left half of the valid 64x32 region with class 1; everything else is class 0.
+    mask_logits = torch.full((1, 2, 16, 16), -20.0)
+    mask_logits[0, 0, :, :4] = 20.0
+    mask_logits[0, 1, :, 4:8] = 20.0
+    class_logits = torch.tensor([[[-5.0, 5.0, -9.0], [5.0, -5.0, -9.0]]])
+    (label_map,) = semantic_maps_from_outputs(
+        class_logits, mask_logits, target_sizes=[(64, 32)], valid_sizes=[(64, 32)], input_size=(64, 64)
+    )
+    assert label_map.shape == (64, 32)
+    assert (label_map[:, :14] == 1).all() and (label_map[:, 18:] == 0).all()
