@@ -1,0 +1,150 @@
+"""The six-key collator: transformed examples to a Mask2Former batch plus the originals for evaluation.
+
+Masks are built vectorised: the classes present in an image come from a 256-bin histogram of its uint8
+label map (OpenCV; an order of magnitude cheaper than ``torch.unique``, which sorts), and all its binary masks
+from one broadcast comparison. They stay bool (or uint8) on the host; the trainer casts them to the model's float
+dtype on the device. float32 masks would take 4x the memory and, built here, ~18x the time
+(``python -m benchmarks.bench_collator``).
+
+Padding. ``pixel_mask`` is 1 on real pixels and 0 on padding: padding added by the transform when an image is
+smaller than the crop (known exactly from the transform's ``valid`` map), and, in evaluation batches of images of
+different sizes, the bottom/right padding up to the largest image (pixel values 0, label 255). Training crops
+have a fixed size, so a training batch needs no padding between images. Upstream Mask2Former (transformers 5.24)
+accepts ``pixel_mask`` but reads it nowhere, neither in the network nor in the loss. Padded pixels carry label
+255, and a 255 pixel is 0 in every binary mask: the mask losses see it as belonging to none of the image's
+classes. That is how the reference implementation and ``Mask2FormerImageProcessor`` treat ignored pixels, so
+"ignored" means "in no mask", not "left out of the loss"; keeping padding to the few crops smaller than the crop
+size keeps this effect small.
+
+Images without a labelled pixel. When a crop holds only 255, image i gets ``mask_labels[i]`` of shape
+(0, H, W) and ``class_labels[i]`` of shape (0,). The image stays in the batch and is not given a fake mask
+(an all-false mask of some class would teach that the class is absent). transformers 5.24 handles such a
+target without error: ``Mask2FormerHungarianMatcher`` hands scipy a (num_queries, 0) cost matrix and gets an
+empty assignment, ``loss_masks`` has no pair to score for that image, and ``loss_labels`` supervises all its
+queries towards the no-object class, down-weighted by ``config.no_object_weight``; the loss is normalised by the
+number of masks in the batch, clamped to at least 1. So such an image contributes a 'no-object-only' target,
+which is also what the reference implementation does with images without instances. tests/test_collator.py
+runs forward and backward through a tiny model on batches with such a crop to keep this true.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .labels import IGNORE_INDEX
+
+logger = logging.get_logger(__name__)
+
+NUM_BINS = 256
+MODEL_INPUT_KEYS = ("pixel_values", "pixel_mask", "mask_labels", "class_labels")
+BATCH_KEYS = (*MODEL_INPUT_KEYS, "original_images", "original_segmentation_maps")
+
+
+def present_classes(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Sorted label ids that occur in a uint8 label map, ignore excluded, from a 256-bin histogram."""
+    # OpenCV's uint8 histogram is several times faster than np.bincount (which widens to int64) and torch.unique
+    # (which sorts). Its float32 counts are only tested against zero, so their precision does not matter.
+    counts = cv2.calcHist([np.ascontiguousarray(label, dtype=np.uint8)], [0], None, [NUM_BINS], [0, NUM_BINS]).ravel()
+    counts[ignore_index] = 0
+    return np.flatnonzero(counts)
+
+
+def binary_masks(label: np.ndarray, classes: np.ndarray) -> torch.Tensor:
+    """One bool (N, H, W) mask per class id in ``classes``, built in a single broadcast comparison."""
+    # NumPy's broadcast comparison on uint8 is ~9x faster than torch's here (benchmarks/bench_collator.py).
+    return torch.from_numpy(label[None] == classes.astype(label.dtype)[:, None, None])
+
+
+def _as_uint8_label(label: Any, source: str) -> np.ndarray:
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"{source}: label must be a 2-D map, got shape {label.shape}")
+    if label.dtype == np.uint8:
+        return label
+    if label.size and (label.min() < 0 or label.max() >= NUM_BINS):
+        raise ValueError(f"{source}: label ids must lie in 0..255, got {label.min()}..{label.max()}")
+    return label.astype(np.uint8)
+
+
+@dataclass
+class SegmentationCollator:
+    """Collate examples from ``SegmentationTransform`` into the six keys of the design's batch contract.
+
+    Only ``MODEL_INPUT_KEYS`` go to ``model.forward``. The two ``original_*`` lists hold one entry per example, or
+    are empty when the transform ran with ``keep_originals=False`` (training, where they would only cost memory).
+    ``mask_dtype`` is ``torch.bool`` (default) or ``torch.uint8``. With ``num_labels`` set, a label id outside
+    0..num_labels-1 (other than ``ignore_index``) raises a ValueError naming the example, instead of failing later
+    inside the model's loss.
+    """
+
+    ignore_index: int = IGNORE_INDEX
+    mask_dtype: torch.dtype = torch.bool
+    num_labels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask_dtype not in (torch.bool, torch.uint8):
+            raise ValueError(f"mask_dtype must be torch.bool or torch.uint8, got {self.mask_dtype}")
+        if not 0 <= self.ignore_index < NUM_BINS:
+            raise ValueError(f"ignore_index must lie in 0..255 for uint8 label maps, got {self.ignore_index}")
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack, pad to the largest example, and build per-image binary masks and class ids."""
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        sources = [str(example.get("path", f"example {i}")) for i, example in enumerate(examples)]
+        images = [np.asarray(example["pixel_values"], dtype=np.float32) for example in examples]
+        labels = [_as_uint8_label(example["label"], source) for example, source in zip(examples, sources, strict=True)]
+        valids = [
+            np.asarray(example["valid"], dtype=np.uint8) if "valid" in example else np.ones_like(label)
+            for example, label in zip(examples, labels, strict=True)
+        ]
+        for image, label, valid, source in zip(images, labels, valids, sources, strict=True):
+            if image.ndim != 3 or image.shape[0] != 3 or image.shape[1:] != label.shape or valid.shape != label.shape:
+                raise ValueError(
+                    f"{source}: expected pixel_values (3,H,W) with label and valid (H,W), got {image.shape}, "
+                    f"{label.shape}, {valid.shape}"
+                )
+
+        batch_size = len(examples)
+        height = max(label.shape[0] for label in labels)
+        width = max(label.shape[1] for label in labels)
+        # Fixed-size training crops never need padding here; evaluation images of different sizes do.
+        needs_padding = any(label.shape != (height, width) for label in labels)
+        allocate = np.zeros if needs_padding else np.empty
+        pixel_values = allocate((batch_size, 3, height, width), dtype=np.float32)
+        pixel_mask = allocate((batch_size, height, width), dtype=np.int64)
+        mask_labels, class_labels = [], []
+        for i, (image, label, valid, source) in enumerate(zip(images, labels, valids, sources, strict=True)):
+            h, w = label.shape
+            pixel_values[i, :, :h, :w] = image
+            pixel_mask[i, :h, :w] = valid
+            if (h, w) != (height, width):
+                padded = np.full((height, width), self.ignore_index, dtype=np.uint8)
+                padded[:h, :w] = label
+                label = padded
+            classes = present_classes(label, self.ignore_index)
+            if self.num_labels is not None and classes.size and classes[-1] >= self.num_labels:
+                unknown = classes[classes >= self.num_labels].tolist()
+                raise ValueError(f"{source}: label ids {unknown} outside 0..{self.num_labels - 1} (ignore is 255)")
+            if not classes.size:
+                logger.debug("%s: no labelled pixel in this crop; it gets a no-object-only target", source)
+            masks = binary_masks(label, classes)
+            mask_labels.append(masks if self.mask_dtype == torch.bool else masks.view(torch.uint8))
+            class_labels.append(torch.from_numpy(classes.astype(np.int64)))
+
+        return {
+            "pixel_values": torch.from_numpy(pixel_values),
+            "pixel_mask": torch.from_numpy(pixel_mask),
+            "mask_labels": mask_labels,
+            "class_labels": class_labels,
+            "original_images": [example["original_image"] for example in examples if "original_image" in example],
+            "original_segmentation_maps": [
+                example["original_label"] for example in examples if "original_label" in example
+            ],
+        }
