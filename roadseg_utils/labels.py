@@ -177,6 +177,15 @@ def _default_color(idx: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in (rgb * 200 + 40).round())
 
 
+def custom_label_set(name: str, id2label: dict[int, str], colors: dict | None = None) -> LabelSet:
+    """A label set from class names, with given colours (by id or str id) or generated distinguishable ones."""
+    colors = colors or {}
+    palette = {
+        idx: tuple(int(c) for c in colors.get(idx, colors.get(str(idx), _default_color(idx)))) for idx in id2label
+    }
+    return LabelSet(name, dict(id2label), palette)
+
+
 def load_id2label_file(path: str | Path) -> LabelSet:
     """A custom label set from a JSON file: ``{"0": "road", ...}`` or ``{"id2label": {...}, "colors": {...}}``."""
     path = Path(path)
@@ -195,9 +204,7 @@ def load_id2label_file(path: str | Path) -> LabelSet:
         raise ValueError(f"{path}: class ids must be 0..{len(id2label) - 1} without gaps, got {sorted(id2label)}")
     if len(id2label) >= IGNORE_INDEX:
         raise ValueError(f"{path}: at most {IGNORE_INDEX} classes are supported (255 means ignore)")
-    colors_raw = payload.get("colors", {}) if "id2label" in payload else {}
-    colors = {idx: tuple(int(c) for c in colors_raw.get(str(idx), _default_color(idx))) for idx in id2label}
-    return LabelSet(path.stem, id2label, colors)
+    return custom_label_set(path.stem, id2label, payload.get("colors") if "id2label" in payload else None)
 
 
 def get_label_set(spec: str = "idd-level3") -> LabelSet:

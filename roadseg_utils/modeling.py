@@ -69,13 +69,18 @@ def _check_local_folder(path: Path) -> None:
 
 def load_model(
     model_name_or_path: str,
-    label_set: LabelSet,
+    label_set: LabelSet | None,
     revision: str = "main",
     token: str | bool | None = None,
     cache_dir: str | None = None,
 ) -> Mask2FormerForUniversalSegmentation:
-    """Load a Mask2Former from a Hub id or folder (or build ``tiny``) with the head sized to ``label_set``."""
+    """Load a Mask2Former from a Hub id or folder (or build ``tiny``) with the head sized to ``label_set``.
+
+    ``label_set=None`` keeps the checkpoint's own head and ``id2label`` (evaluation); ``tiny`` needs a label set.
+    """
     if model_name_or_path == TINY_MODEL:
+        if label_set is None:
+            raise ModelLoadError(f"--model_name_or_path {TINY_MODEL} needs a label set to size its head")
         logger.info("building a randomly initialised tiny Mask2Former (offline)")
         return Mask2FormerForUniversalSegmentation(build_tiny_config(label_set))
     local = Path(model_name_or_path).expanduser()
@@ -85,11 +90,12 @@ def load_model(
     else:
         source = model_name_or_path
     try:
+        head = {} if label_set is None else {
+            "id2label": dict(label_set.id2label), "label2id": label_set.label2id, "ignore_mismatched_sizes": True
+        }
         model, info = Mask2FormerForUniversalSegmentation.from_pretrained(
             source,
-            id2label=dict(label_set.id2label),
-            label2id=label_set.label2id,
-            ignore_mismatched_sizes=True,
+            **head,
             output_loading_info=True,
             revision=revision,
             token=token,
@@ -162,6 +168,42 @@ def freeze(model: Mask2FormerForUniversalSegmentation, parts: tuple[str, ...]) -
     return {"trainable_parameters": trainable, "frozen_parameters": frozen}
 
 
+def semantic_scores_for_image(
+    class_queries_logits: torch.Tensor,
+    masks_queries_logits: torch.Tensor,
+    target_size: tuple[int, int],
+    valid_size: tuple[int, int] | None = None,
+    input_size: tuple[int, int] | None = None,
+    query_chunk: int = 16,
+) -> torch.Tensor:
+    """Class scores (C, H, W) of one image at ``target_size`` from its (Q, C+1) class and (Q, h, w) mask logits.
+
+    Mask logits are upsampled straight to ``target_size`` (no fixed 384x384 step), ``query_chunk`` queries at a
+    time, so a 1080p map needs memory for the class scores, not for every query at full size. ``input_size`` is
+    the padded (H, W) fed to the model and ``valid_size`` the unpadded part of the image in it; the padding is
+    cropped away before the resize.
+    """
+    class_probs = class_queries_logits.softmax(dim=-1)[..., :-1]
+    mask_logits = masks_queries_logits
+    if valid_size is not None:
+        if input_size is None:
+            raise ValueError("valid_sizes needs the padded input_size")
+        # Cut the padded border in mask resolution first: rows/cols proportional to the valid part.
+        scale_h = mask_logits.shape[-2] / input_size[0]
+        scale_w = mask_logits.shape[-1] / input_size[1]
+        valid_h, valid_w = valid_size
+        crop_h, crop_w = max(1, round(valid_h * scale_h)), max(1, round(valid_w * scale_w))
+        mask_logits = mask_logits[:, :crop_h, :crop_w]
+    scores = None
+    for start in range(0, mask_logits.shape[0], query_chunk):
+        upsampled = torch.nn.functional.interpolate(
+            mask_logits[None, start : start + query_chunk], size=target_size, mode="bilinear", align_corners=False
+        )[0].sigmoid()
+        chunk_scores = torch.einsum("qc,qhw->chw", class_probs[start : start + query_chunk], upsampled)
+        scores = chunk_scores if scores is None else scores + chunk_scores
+    return scores
+
+
 def semantic_maps_from_outputs(
     class_queries_logits: torch.Tensor,
     masks_queries_logits: torch.Tensor,
@@ -173,28 +215,18 @@ def semantic_maps_from_outputs(
     """Per-image label maps at ``target_sizes``, upsampling mask logits directly (no fixed 384x384 step).
 
     ``input_size`` is the padded (H, W) fed to the model and ``valid_sizes`` the unpadded part of each image
-    in it; the padding is cropped away before the final resize. Queries are upsampled ``query_chunk`` at a time
-    so a 1080p map needs memory for the class scores, not for every query at full size.
+    in it; see :func:`semantic_scores_for_image`.
     """
-    class_probs = class_queries_logits.softmax(dim=-1)[..., :-1]
-    maps = []
-    for index, target_size in enumerate(target_sizes):
-        mask_logits = masks_queries_logits[index]
-        if valid_sizes is not None:
-            if input_size is None:
-                raise ValueError("valid_sizes needs the padded input_size")
-            # Cut the padded border in mask resolution first: rows/cols proportional to the valid part.
-            scale_h = mask_logits.shape[-2] / input_size[0]
-            scale_w = mask_logits.shape[-1] / input_size[1]
-            valid_h, valid_w = valid_sizes[index]
-            crop_h, crop_w = max(1, round(valid_h * scale_h)), max(1, round(valid_w * scale_w))
-            mask_logits = mask_logits[:, :crop_h, :crop_w]
-        scores = None
-        for start in range(0, mask_logits.shape[0], query_chunk):
-            upsampled = torch.nn.functional.interpolate(
-                mask_logits[None, start : start + query_chunk], size=target_size, mode="bilinear", align_corners=False
-            )[0].sigmoid()
-            chunk_scores = torch.einsum("qc,qhw->chw", class_probs[index, start : start + query_chunk], upsampled)
-            scores = chunk_scores if scores is None else scores + chunk_scores
-        maps.append(scores.argmax(dim=0))
-    return maps
+    if valid_sizes is not None and input_size is None:
+        raise ValueError("valid_sizes needs the padded input_size")
+    return [
+        semantic_scores_for_image(
+            class_queries_logits[index],
+            masks_queries_logits[index],
+            target_size,
+            None if valid_sizes is None else valid_sizes[index],
+            input_size,
+            query_chunk,
+        ).argmax(dim=0)
+        for index, target_size in enumerate(target_sizes)
+    ]
