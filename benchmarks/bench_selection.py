@@ -1,0 +1,209 @@
+"""Timing of run_selection.py on full-size synthetic label maps, side by side in one process.
+
+Run from the repository root: ``python -m benchmarks.bench_selection [--num_maps 500 --work_dir DIR]``.
+
+(a) decoding every 1080x1920 label PNG with PIL in one process (the floor any selection has to pay);
+(b) the selection end to end (find files, histograms, scores, manifest, report, plots) in one process, no cache;
+(c) the same with every core;
+(d) a cached rerun with other weights; then the same on trees of 500 to 8,000 images, with the linear fit.
+
+The maps are generated once by the synthetic module into ``--work_dir`` and reused by later runs. The larger trees
+for (d) repeat the maps through symlinks in more sequence folders; their cache is filled from the real maps'
+histograms (each link points at one of them) instead of decoding every link again, since (d) times the rerun,
+not the first run. One warm-up run on a small tree loads every module first, so no figure includes imports (as (a)
+excludes Python's start-up); the command-line wall time of a cached rerun, imports included, is printed separately.
+CPU seconds (this process plus its workers) are printed for (b) and (c): on a loaded machine the wall-clock ratio
+b/c says little, while equal CPU seconds show that the parallel path adds no work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging as std_logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import run_selection
+from roadseg_utils import selection
+from roadseg_utils.data import DataSourceArguments
+from roadseg_utils.labels import get_label_set
+from roadseg_utils.selection import CACHE_FILE, SelectionArguments, compute_class_stats, load_candidate_pool
+from roadseg_utils.synthetic import LABEL_SUFFIX, generate_synthetic_idd
+
+FIT_SIZES = (500, 1000, 2000, 4000, 8000)
+EXTRAPOLATE_TO = 8000
+HEIGHT, WIDTH = 1080, 1920
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def ensure_maps(work_dir: Path, num_maps: int) -> Path:
+    """The synthetic IDD tree with ``num_maps`` 1080x1920 frames, generated on first use."""
+    root = work_dir / f"data_{num_maps}"
+    if len(list(root.glob(f"gtFine/train/*/*{LABEL_SUFFIX}"))) != num_maps:
+        shutil.rmtree(root, ignore_errors=True)
+        start = time.perf_counter()
+        generate_synthetic_idd(root, num_maps, max(1, num_maps // 25), (HEIGHT, WIDTH), seed=0)
+        print(f"generated {num_maps} frames of {HEIGHT}x{WIDTH} in {time.perf_counter() - start:.0f} s -> {root}")
+    return root
+
+
+def symlink_tree(source: Path, target: Path, count: int) -> Path:
+    """An IDD tree of ``count`` frames whose image and label map link to ``source``'s, repeated as needed.
+
+    Copy r of the source's frames goes into sequence folders ``r<r>_<sequence>``.
+    """
+    if target.is_dir() and len(list(target.glob(f"gtFine/train/*/*{LABEL_SUFFIX}"))) == count:
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    labels = sorted(source.glob(f"gtFine/train/*/*{LABEL_SUFFIX}"))
+    for index in range(count):
+        label = labels[index % len(labels)]
+        sequence = f"r{index // len(labels)}_{label.parent.name}"
+        frame = label.name[: -len(LABEL_SUFFIX)]
+        image = source / "leftImg8bit" / "train" / label.parent.name / f"{frame}_leftImg8bit.png"
+        for original, folder, suffix in ((label, "gtFine", LABEL_SUFFIX), (image, "leftImg8bit", "_leftImg8bit.png")):
+            link = target / folder / "train" / sequence / f"{frame}{suffix}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(original.resolve(), link)
+    return target
+
+
+@contextmanager
+def histograms_from(known: dict[str, np.ndarray]) -> Iterator[None]:
+    """Within the block, the selection reads a label map's histogram from ``known`` (by real path)."""
+    original = selection.label_histogram
+    selection.label_histogram = lambda path, level=3: known[os.path.realpath(path)]
+    try:
+        yield
+    finally:
+        selection.label_histogram = original
+
+
+def prime_cache(tree: Path, output_dir: Path, known: dict[str, np.ndarray]) -> None:
+    """Fill ``output_dir``'s histogram cache for every label map of ``tree`` from ``known`` histograms."""
+    shutil.rmtree(output_dir, ignore_errors=True)
+    label_set = get_label_set("idd-level3")
+    pool = load_candidate_pool(DataSourceArguments(data_dir=str(tree)), label_set)
+    with histograms_from(known):
+        compute_class_stats(pool, label_set, output_dir / CACHE_FILE, num_workers=1, progress=False)
+
+
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_once(data_dir: Path, output_dir: Path, workers: int, budget: int, weights: tuple[float, float, float],
+             fresh: bool) -> tuple[float, float]:
+    """Wall and CPU seconds of one in-process selection (``fresh`` removes the output folder and cache first)."""
+    if fresh:
+        shutil.rmtree(output_dir, ignore_errors=True)
+    data_args = DataSourceArguments(data_dir=str(data_dir), num_workers=workers)
+    alpha, beta, gamma = weights
+    selection_args = SelectionArguments(output_dir=str(output_dir), num_images=budget, alpha=alpha, beta=beta,
+                                        gamma=gamma)
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    outputs = run_selection.run(data_args, selection_args)
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    expected_decodes = outputs["num_candidates"] if fresh else 0
+    if outputs["decoded"] != expected_decodes:
+        raise RuntimeError(f"expected {expected_decodes} decoded label maps, got {outputs['decoded']}")
+    return elapsed, cpu
+
+
+def decode_all(paths: list[Path]) -> tuple[float, float]:
+    """Wall and CPU seconds to decode every label PNG with PIL in this process."""
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+    return time.perf_counter() - start, cpu_seconds() - cpu_start
+
+
+def main() -> None:
+    """Generate or reuse the maps, time (a)-(d) and print the figures, ratios and fit."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_maps", type=int, default=500)
+    parser.add_argument("--work_dir", default="/tmp/roadseg_bench_selection")
+    parser.add_argument("--workers", type=int, default=_cores(), help="processes for (c) (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs for (a) to (d)")
+    args = parser.parse_args()
+    if args.num_maps < 500:
+        parser.error("--num_maps must be at least 500")
+    std_logging.basicConfig(level=std_logging.WARNING)
+    work_dir = Path(args.work_dir)
+    data = ensure_maps(work_dir, args.num_maps)
+    runs = work_dir / "runs"
+    budget = args.num_maps // 5
+    labels = sorted(data.glob(f"gtFine/train/*/*{LABEL_SUFFIX}"))
+    for path in labels:  # page cache, so every figure times decoding rather than the disk
+        path.read_bytes()
+    warm = symlink_tree(data, work_dir / "trees" / "n20", 20)
+    run_once(warm, runs / "warmup", 1, 5, (0.4, 0.4, 0.2), fresh=True)
+
+    load_before = os.getloadavg()
+    decode = min(decode_all(labels) for _ in range(args.repeats))
+    serial = min(run_once(data, runs / "serial", 1, budget, (0.4, 0.4, 0.2), fresh=True) for _ in range(args.repeats))
+    parallel = min(run_once(data, runs / "parallel", args.workers, budget, (0.4, 0.4, 0.2), fresh=True)
+                   for _ in range(args.repeats))
+    rerun = min(run_once(data, runs / "parallel", 1, budget, (0.1, 0.7, 0.2), fresh=False)
+                for _ in range(args.repeats))
+    label_set = get_label_set("idd-level3")
+    stats = compute_class_stats(load_candidate_pool(DataSourceArguments(data_dir=str(data)), label_set), label_set,
+                                runs / "parallel" / CACHE_FILE, progress=False)
+    known = {os.path.realpath(r.label_path): h for r, h in zip(stats.pool.records, stats.histograms, strict=True)}
+    fit_times = []
+    for size in FIT_SIZES:
+        tree = symlink_tree(data, work_dir / "trees" / f"n{size}", size)
+        prime_cache(tree, runs / f"fit{size}", known)
+        fit_times.append(min(run_once(tree, runs / f"fit{size}", 1, size // 5, (0.0, 1.0, 0.0), fresh=False)[0]
+                             for _ in range(args.repeats)))
+    slope, intercept = np.polyfit(FIT_SIZES, fit_times, 1)
+    load_after = os.getloadavg()
+
+    tree300 = symlink_tree(data, work_dir / "trees" / "n300", 300)
+    prime_cache(tree300, runs / "cli300", known)
+    command = [sys.executable, "run_selection.py", "--data_dir", str(tree300), "--num_images", "60", "--output_dir",
+               str(runs / "cli300"), "--alpha", "0", "--beta", "1", "--gamma", "0"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    cli = time.perf_counter() - start
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import run_selection"], check=True)
+    imports = time.perf_counter() - start
+
+    n = args.num_maps
+    print(f"\n{n} label maps of {HEIGHT}x{WIDTH}, K = {budget}, {_cores()} cores, best of {args.repeats}; "
+          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    print(f"{'step':58s} {'wall (s)':>9s} {'ms/map':>7s} {'CPU (s)':>8s}")
+    rows = [("(a) decode every label PNG with PIL, one process", decode),
+            ("(b) selection end to end, one process, no cache", serial),
+            (f"(c) selection end to end, {args.workers} processes, no cache", parallel),
+            ("(d) cached rerun with other weights, one process", rerun)]
+    for name, (seconds, cpu) in rows:
+        print(f"{name:58s} {seconds:9.2f} {1000 * seconds / n:7.2f} {cpu:8.2f}")
+    print(f"b/a = {serial[0] / decode[0]:.2f} (target <= 1.3; CPU {serial[1] / decode[1]:.2f}); "
+          f"b/c = {serial[0] / parallel[0]:.2f} (target >= 1.6 on 2 cores; CPU c/b {parallel[1] / serial[1]:.2f})")
+    print("(d) on trees of " + ", ".join(f"{s}: {t:.2f} s" for s, t in zip(FIT_SIZES, fit_times, strict=True)))
+    print(f"linear fit: t = {intercept:.3f} s + {1000 * slope:.4f} ms x N -> {EXTRAPOLATE_TO} images: "
+          f"{intercept + slope * EXTRAPOLATE_TO:.2f} s (target <= 2 s)")
+    print(f"command line, cached rerun of 300 images with other weights: {cli:.2f} s wall, of which "
+          f"{imports:.2f} s is `python -c 'import run_selection'`")
+
+
+if __name__ == "__main__":
+    main()
