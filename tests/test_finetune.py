@@ -1,0 +1,205 @@
+"""End-to-end tests of run_finetune.py on tiny synthetic scenes: outputs, learning, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import TrainerCallback, pipeline
+
+import run_finetune
+from roadseg_utils.data import DataSourceArguments, load_segmentation_dataset
+from roadseg_utils.labels import IGNORE_INDEX, idd_label_set
+from roadseg_utils.metrics import compute_segmentation_metrics
+from roadseg_utils.synthetic import generate_synthetic_idd
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT_ARGS = ["--train_fraction", "0.7", "--val_fraction", "0.2", "--test_fraction", "0.1"]
+QUIET = ["--dataloader_num_workers", "0", "--disable_tqdm", "True", "--report_to", "none"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Train on one thread: the tiny model gains nothing from two, and two threads spin-wait badly on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    """40 synthetic IDD frames of 90x160 (smaller than some crops used below)."""
+    root = tmp_path_factory.mktemp("scenes")
+    generate_synthetic_idd(root, num_images=40, num_sequences=4, image_size=(90, 160), seed=3, workers=1)
+    return root
+
+
+def finetune(scenes: Path, output_dir: Path, *extra: str, callbacks=None) -> dict:
+    """Run the script in this process on ``scenes`` with the tiny model."""
+    argv = ["--model_name_or_path", "tiny", "--data_dir", str(scenes), "--output_dir", str(output_dir),
+            *SPLIT_ARGS, *QUIET, *extra]
+    return run_finetune.main(argv, callbacks=callbacks)
+
+
+def test_outputs_load_offline_in_a_pipeline(scenes, tmp_path):
+    output_dir = tmp_path / "ft"
+    # The 128x256 crop is larger than the 90x160 frames, so crops are padded.
+    results = finetune(scenes, output_dir, "--max_steps", "3", "--per_device_train_batch_size", "2",
+                       "--crop_size", "128x256", "--eval_strategy", "no")
+
+    written = json.loads((output_dir / "all_results.json").read_text())
+    assert written["train_runtime"] > 0 and written["train_samples_per_second"] > 0
+    assert written["train_peak_cpu_rss_mb"] > 50
+    assert written["eval_num_images"] == 8 and written["test_num_images"] == 4
+    assert 0 <= written["eval_mean_iou"] <= 1 and 0 <= written["test_mean_iou"] <= 1
+    assert written["eval_mean_iou"] == pytest.approx(results["eval_mean_iou"])
+    splits = json.loads((output_dir / "data_splits.json").read_text())
+    assert [len(splits["paths"][name]) for name in ("train", "validation", "test")] == [28, 8, 4]
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert {"image-segmentation", "mask2former"} <= set(card.data.tags)
+    index = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert index[("validation", "mean_iou")] == pytest.approx(written["eval_mean_iou"], abs=1e-6)
+    assert index[("test", "mean_iou")] == pytest.approx(written["test_mean_iou"], abs=1e-6)
+    assert "model.pixel_level_module.encoder" in card.text and "learning_rate" in card.text
+
+    image = Image.open(next((scenes / "leftImg8bit").rglob("*.png")))
+    segmenter = pipeline("image-segmentation", model=str(output_dir))
+    segments = segmenter(image, subtask="semantic")
+    names = set(idd_label_set(3).id2label.values())
+    assert segments and all(s["label"] in names and s["mask"].size == image.size for s in segments)
+
+
+def test_defaults_are_the_seed_baseline_and_a_json_file_is_the_whole_config(tmp_path):
+    model_args, data_args, training_args = run_finetune.parse_arguments(["--output_dir", str(tmp_path / "a")])
+    assert model_args.model_name_or_path == "facebook/mask2former-swin-small-cityscapes-semantic"
+    assert model_args.frozen_parts == ("backbone", "pixel_decoder")
+    assert (training_args.num_train_epochs, training_args.per_device_train_batch_size) == (2, 8)
+    assert (training_args.learning_rate, training_args.weight_decay) == (5e-5, 0.0)
+    assert training_args.optim == "adamw_torch" and training_args.lr_scheduler_type == "constant"
+    assert (data_args.train_fraction, data_args.val_fraction, data_args.test_fraction) == (0.855, 0.045, 0.10)
+    assert not training_args.remove_unused_columns and training_args.batch_eval_metrics
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_name_or_path": "tiny", "data_dir": "somewhere", "output_dir": "out",
+                                  "crop_size": "64x128", "learning_rate": 1e-3, "unfreeze_backbone": True}))
+    model_args, data_args, training_args = run_finetune.parse_arguments([str(config)])
+    assert model_args.frozen_parts == ("pixel_decoder",)
+    assert data_args.crop == (64, 128) and data_args.eval_edge == 64 and training_args.learning_rate == 1e-3
+    with pytest.raises(run_finetune.CommandLineError, match="--crop_size"):
+        run_finetune.parse_arguments(["--output_dir", "x", "--crop_size", "64by128"])
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """A selection manifest in the format of roadseg_utils.selection."""
+    header = {"format": "roadseg-selection-manifest", "version": 1, "strategy": "weighted", "alpha": 0.4,
+              "beta": 0.4, "gamma": 0.2, "num_images": sum(r["selected"] for r in rows),
+              "num_candidates": len(rows), "rare_classes": [{"id": 19, "name": "traffic light"}],
+              "label_set": {"name": "idd-level3"}, "dataset": {"fingerprint": "abc"}}
+    path.write_text(json.dumps({"header": header, "rows": rows}))
+    return path
+
+
+def test_selection_manifest_restricts_training_to_selected_train_rows(scenes, tmp_path):
+    paths = sorted(p.relative_to(scenes).as_posix() for p in scenes.rglob("*_leftImg8bit.png"))
+    rows = [{"path": p, "sequence": p.split("/")[2], "cds": 1.0, "rcs": 1.0, "ics": 1.0, "score": 1.0 - i / 100,
+             "rank": i + 1, "selected": i < 12} for i, p in enumerate(paths)]
+    manifest = write_manifest(tmp_path / "manifest.json", rows)
+    output_dir = tmp_path / "selected"
+    results = finetune(scenes, output_dir, "--selection_manifest", str(manifest), "--max_steps", "1",
+                       "--per_device_train_batch_size", "2", "--crop_size", "64x128", "--eval_strategy", "no",
+                       "--do_eval", "False", "--do_predict", "False")
+    splits = json.loads((output_dir / "data_splits.json").read_text())
+    selected_in_train = set(paths[:12]) & set(splits["paths"]["train"])
+    assert results["train_samples"] == splits["trained_on"] == len(selected_in_train) > 0
+    card = (output_dir / "README.md").read_text()
+    assert "selected images trained on" in card and "traffic light" in card
+
+    foreign = write_manifest(tmp_path / "foreign.json", [{**rows[0], "path": "elsewhere/x.png"}])
+    with pytest.raises(SystemExit):
+        finetune(scenes, tmp_path / "foreign", "--selection_manifest", str(foreign), "--max_steps", "1")
+
+
+def constant_prediction_miou(scenes: Path) -> float:
+    """The best mIoU any single class predicted everywhere reaches on the validation maps."""
+    args = DataSourceArguments(data_dir=str(scenes), train_fraction=0.7, val_fraction=0.2, test_fraction=0.1)
+    validation = load_segmentation_dataset(args, idd_label_set(3), seed=42)["validation"]
+    references = np.concatenate([np.asarray(row["label"]).ravel() for row in validation])
+    labelled = references[references != IGNORE_INDEX]
+    totals = np.bincount(labelled, minlength=26)
+    best = 0.0
+    for constant in range(26):
+        confusion = np.zeros((26, 26), dtype=np.int64)
+        confusion[:, constant] = totals
+        best = max(best, compute_segmentation_metrics(confusion)["mean_iou"])
+    return best
+
+
+def test_tiny_model_learns_beyond_a_constant_prediction(scenes, tmp_path):
+    baseline = constant_prediction_miou(scenes)
+    # Without scale jitter, evaluated at the training scale (90x160 frames cover a 64x128 crop at 72x128).
+    results = finetune(scenes, tmp_path / "learn", "--max_steps", "80", "--per_device_train_batch_size", "4",
+                       "--crop_size", "64x128", "--min_scale", "1", "--max_scale", "1", "--eval_shortest_edge", "72",
+                       "--learning_rate", "5e-3", "--eval_strategy", "no", "--save_strategy", "no",
+                       "--do_predict", "False", "--seed", "42")
+    assert 0 < baseline < 0.05
+    assert results["eval_mean_iou"] > 3 * baseline
+    assert results["eval_mean_iou"] > baseline + 0.04
+
+
+class StopAfterFirstSave(TrainerCallback):
+    """Stop training right after the first checkpoint is written, as a cut-off session would."""
+
+    def on_save(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+        return control
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(scenes, tmp_path):
+    common = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--per_device_train_batch_size",
+              "2", "--crop_size", "64x128", "--learning_rate", "1e-3", "--eval_strategy", "no", "--do_eval", "False",
+              "--do_predict", "False", "--seed", "7"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    finetune(scenes, straight, *common)
+    finetune(scenes, interrupted, *common, callbacks=[StopAfterFirstSave()])
+    assert json.loads((interrupted / "trainer_state.json").read_text())["global_step"] == 3
+    finetune(scenes, interrupted, *common)  # finds checkpoint-3 in the output folder and resumes from it
+
+    assert json.loads((interrupted / "trainer_state.json").read_text())["global_step"] == 6
+    expected, resumed = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    start = load_file(interrupted / "checkpoint-3" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert any(not torch.equal(start[name], resumed[name]) for name in resumed), "steps 4-6 changed nothing"
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_unknown_label_set_is_one_clear_error(scenes, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(scenes, tmp_path / "bad", "--label_set", "cityscapes")
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("run_finetune.py: error: unknown label set 'cityscapes'")
+
+
+def test_offline_hub_id_exits_with_one_line_and_no_traceback(scenes, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "run_finetune.py"), "--model_name_or_path", "facebook/no-such-model-offline",
+         "--data_dir", str(scenes), "--output_dir", str(tmp_path / "hub")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert completed.returncode != 0
+    assert "Traceback" not in completed.stderr
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith("run_finetune.py: error: cannot fetch 'facebook/no-such-model-offline'")
