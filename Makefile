@@ -25,8 +25,20 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# The whole pipeline on synthetic scenes with the tiny model: generate, select, fine-tune (encoder and pixel
+# decoder frozen), evaluate on the held-out test split. The higher learning rate suits a randomly initialised head.
 demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
 	$(PY) -m roadseg_utils.synthetic --output_dir $(DEMO_DIR)/data --num_images 300 --num_sequences 12 --seed 0
+	$(PY) run_selection.py --data_dir $(DEMO_DIR)/data --num_images 200 --output_dir $(DEMO_DIR)/selection
+	$(PY) run_finetune.py --model_name_or_path tiny --data_dir $(DEMO_DIR)/data \
+		--selection_manifest $(DEMO_DIR)/selection/manifest.json --output_dir $(DEMO_DIR)/finetune \
+		--max_steps 150 --per_device_train_batch_size 4 --crop_size 192x320 --eval_shortest_edge 192 \
+		--learning_rate 3e-3 --eval_strategy no --save_strategy steps --save_steps 50 --save_total_limit 1 \
+		--do_predict False --disable_tqdm True
+	$(PY) run_eval.py --model_name_or_path $(DEMO_DIR)/finetune --data_dir $(DEMO_DIR)/data \
+		--output_dir $(DEMO_DIR)/eval --num_overlays 4
+	@echo "selection report and plots: $(DEMO_DIR)/selection/report.md, $(DEMO_DIR)/selection/*.png"
 
 clean:
 	rm -rf $(VENV) runs

@@ -57,7 +57,12 @@ from roadseg_utils.hub import (  # noqa: E402
     write_text_atomically,
 )
 from roadseg_utils.labels import IDD_LEVELS, LabelSet, custom_label_set, get_label_set, idd_label_set  # noqa: E402
-from roadseg_utils.metrics import StreamingConfusionMatrix, all_reduce_confusion, compute_segmentation_metrics  # noqa: E402
+from roadseg_utils.metrics import (  # noqa: E402
+    StreamingConfusionMatrix,
+    all_reduce_confusion,
+    compute_segmentation_metrics,
+    constant_prediction_mean_iou,
+)
 from roadseg_utils.modeling import (  # noqa: E402
     TINY_MODEL,
     ModelLoadError,
@@ -424,6 +429,7 @@ def build_results(
         "per_class": per_class,
         "per_category_iou_coarser": coarse,
         "labelled_pixels": total,
+        "constant_baseline_mean_iou": _finite(constant_prediction_mean_iou(confusion)),
         "confusion_matrix": confusion.tolist(),
     }
 
@@ -593,7 +599,14 @@ def evaluate(eval_args: EvalArguments, data_args: DataSourceArguments, label_set
     results = build_results(matrix, metrics, label_set, run)
     if is_main:
         write_outputs(results, matrix, metrics, label_set, dataset, overlays, overlay_predictions, eval_args)
-        logger.info(f"mIoU {results['mean_iou']:.4f} on {len(dataset)} images; results in {eval_args.output_dir}")
+        output_dir = Path(eval_args.output_dir)
+        print(
+            f"{eval_args.split} mIoU {results['mean_iou']:.4f} on {len(dataset)} images "
+            f"(best constant prediction: {results['constant_baseline_mean_iou']:.4f})\n"
+            f"results: {output_dir / 'eval_results.json'}, {output_dir / 'eval_report.md'}\n"
+            f"pictures: {output_dir / 'overlays'}/, {output_dir / 'confusion_matrix.png'}, "
+            f"{output_dir / 'per_class_iou.png'}"
+        )
         if eval_args.update_model_card:
             publish_results(results, eval_args, data_args)
     accelerator.wait_for_everyone()

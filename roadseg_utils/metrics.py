@@ -342,6 +342,14 @@ def coarsen_confusion(confusion: np.ndarray | torch.Tensor, mapping: Mapping[int
     return membership.T @ counts @ membership
 
 
+def constant_prediction_mean_iou(confusion: np.ndarray) -> float:
+    """The mIoU of the best constant prediction (the most frequent true class everywhere): a floor to beat."""
+    rows = np.asarray(confusion, dtype=np.float64).sum(axis=1)
+    total, present = rows.sum(), np.count_nonzero(rows)
+    # Predicting class c everywhere gives IoU_c = row_c / total, and 0 for every other class in the ground truth.
+    return float(rows.max() / total / present) if total else float("nan")
+
+
 def compute_segmentation_metrics(
     confusion: np.ndarray | torch.Tensor,
     id2label: Mapping[int, str] | None = None,

@@ -354,3 +354,18 @@ def test_all_reduce_confusion_sums_over_ranks(tmp_path):
     expected = np.full((3, 3), 3, dtype=np.int64) + np.diag([10, 10, 0])
     for rank in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), expected)
+
+
+def test_constant_prediction_baseline_is_the_best_single_class_miou():
+    from roadseg_utils.metrics import constant_prediction_mean_iou
+
+    rng = np.random.default_rng(5)
+    reference = rng.choice([0, 1, 2, 255], size=(40, 50), p=[0.5, 0.3, 0.1, 0.1])
+    best = 0.0
+    for constant in range(4):
+        matrix = StreamingConfusionMatrix(4)
+        matrix.update(np.full_like(reference, constant), reference)
+        best = max(best, compute_segmentation_metrics(matrix.matrix)["mean_iou"])
+    matrix = StreamingConfusionMatrix(4)
+    matrix.update(reference.clip(0, 3) % 255, reference)
+    assert constant_prediction_mean_iou(matrix.matrix) == pytest.approx(best, abs=1e-12)
