@@ -19,12 +19,14 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 
 import datasets
+import numpy as np
 import torch
 import transformers
 from huggingface_hub.errors import HfHubHTTPError
@@ -62,6 +64,7 @@ from roadseg_utils.selection import load_manifest
 from roadseg_utils.synthetic import parse_size
 from roadseg_utils.trainer import EpochSeededDataset, FrozenBackboneTrainer, peak_memory_metrics
 from roadseg_utils.transforms import build_eval_transforms, build_train_transforms, make_transform_fn
+from roadseg_utils.visualize import plot_confusion_matrix, plot_per_class_iou, save_png_atomically
 
 logger = hf_logging.get_logger(__name__)
 
@@ -162,6 +165,10 @@ class FinetuneTrainingArguments(TrainingArguments):
     label_names: list[str] | None = field(
         default_factory=lambda: ["mask_labels", "class_labels"], metadata={"help": "Label keys of a batch."}
     )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The Trainer pickles these arguments into training_args.bin (output folder, checkpoints, Hub): never a token.
+        return {key: None if key.endswith("_token") else value for key, value in self.__dict__.items()}
 
 
 class CommandLineError(Exception):
@@ -276,6 +283,20 @@ def final_evaluation_from_training(trainer: FrozenBackboneTrainer) -> dict[str, 
     return None
 
 
+def save_split_plots(
+    output_dir: Path, split: str, scores: Mapping[str, Any], confusion: np.ndarray, label_set: LabelSet
+) -> list[str]:
+    """The confusion matrix and per-class IoU chart of one split under ``output_dir/plots``; their relative paths."""
+    names = [label_set.id2label[index] for index in range(label_set.num_labels)]
+    colors = [tuple(label_set.colors[index]) for index in range(label_set.num_labels)]
+    title = f"{output_dir.name}: {split}"
+    written = [f"plots/confusion_matrix_{split}.png", f"plots/per_class_iou_{split}.png"]
+    save_png_atomically(plot_confusion_matrix(confusion, names, title=title), output_dir / written[0])
+    chart = plot_per_class_iou(scores["per_category_iou"], names, colors, scores["mean_iou"], title=title)
+    save_png_atomically(chart, output_dir / written[1])
+    return written
+
+
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and save as the arguments say; returns what all_results.json holds."""
     try:
@@ -349,13 +370,14 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     results: dict[str, Any] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
+        # _internal_call: with --push_to_hub, save_model would push a "Model save" commit without metrics or card.
+        trainer.save_model(_internal_call=True)
         train_metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
         train_metrics.update({f"train_{key}": value for key, value in peak_memory_metrics().items()})
         trainer.log_metrics("train", train_metrics)
         trainer.save_state()
         results.update(train_metrics)
-    evaluated = {}
+    evaluated, confusions = {}, {}
     if training_args.do_eval:
         metrics = final_evaluation_from_training(trainer) or trainer.evaluate(
             eval_dataset=eval_dataset, metric_key_prefix="eval"
@@ -363,11 +385,13 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         trainer.log_metrics("eval", metrics)
         results.update(metrics)
         evaluated["validation"] = strip_prefix(metrics, "eval")
+        confusions["validation"] = (trainer.compute_metrics.last_results, trainer.compute_metrics.last_confusion)
     if training_args.do_predict and len(test_dataset):
         metrics = trainer.evaluate(eval_dataset=test_dataset, metric_key_prefix="test")
         trainer.log_metrics("test", metrics)
         results.update(metrics)
         evaluated["test"] = strip_prefix(metrics, "test")
+        confusions["test"] = (trainer.compute_metrics.last_results, trainer.compute_metrics.last_confusion)
     results.update(peak_memory_metrics())
 
     if trainer.is_world_process_zero():
@@ -384,6 +408,12 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             "paths": split_paths,
         }
         write_text_atomically(output_dir / SPLITS_FILE, json.dumps(split_record, indent=1) + "\n")
+        plots = [
+            path
+            for split, (scores, confusion) in confusions.items()
+            if scores is not None and confusion is not None
+            for path in save_split_plots(output_dir, split, scores, confusion, label_set)
+        ]
         is_hub_model = model_args.model_name_or_path != TINY_MODEL and not os.path.exists(
             model_args.model_name_or_path
         )
@@ -410,6 +440,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             frozen_modules=[FROZEN_PARTS[part] for part in model_args.frozen_parts],
             parameter_counts=trainer.parameter_counts,
             metrics=evaluated,
+            plots=plots,
         )
         trainer.card_writer = lambda folder: write_finetune_card(folder, card)
         write_finetune_card(output_dir, card)

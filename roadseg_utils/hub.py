@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from .labels import LabelSet
+from .labels import IGNORE_INDEX, LabelSet
 
 
 @cache
@@ -158,7 +158,9 @@ class FinetuneCardInfo:
     frozen_modules: Sequence[str] = ()
     parameter_counts: Mapping[str, int] = field(default_factory=dict)
     metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    license: str | None = None
+    plots: Sequence[str] = ()  # paths relative to the card's folder
+    # "other": the weights inherit the terms of the base checkpoint and of the training data (see the card's text).
+    license: str | None = "other"
 
     @property
     def dataset_type(self) -> str:
@@ -198,6 +200,7 @@ def finetune_card_data(info: FinetuneCardInfo) -> ModelCardData:
         tags=list(CARD_TAGS),
         base_model=info.base_model,
         license=info.license,
+        datasets=["IDD"] if info.dataset_type == "idd" else None,
         model_name=info.model_name,
         eval_results=eval_results or None,
     )
@@ -229,6 +232,13 @@ def finetune_card_text(info: FinetuneCardInfo) -> str:
     ]
     if info.split_description:
         lines.append(f"- splits: {info.split_description}")
+    lines += ["", "## Labels", "", f"`config.json` maps ids to names (`id2label`, `label2id`); pixels labelled "
+              f"{IGNORE_INDEX} are ignored.", ""]
+    lines += _markdown_table(
+        ["id", "class", "colour"],
+        ([class_id, name, "#{:02x}{:02x}{:02x}".format(*label_set.colors[class_id])]
+         for class_id, name in sorted(label_set.id2label.items())),
+    )
     lines += ["", "## Selection", ""]
     if info.selection:
         lines += [f"- {key}: {value}" for key, value in info.selection.items()]
@@ -257,6 +267,8 @@ def finetune_card_text(info: FinetuneCardInfo) -> str:
         lines += _markdown_table(["id", "class", *splits], class_rows)
     else:
         lines.append("Not evaluated.")
+    if info.plots:
+        lines += ["", *(f"![{Path(plot).stem.replace('_', ' ')}]({plot})" for plot in info.plots)]
     lines += [
         "",
         "## Usage",
@@ -269,11 +281,25 @@ def finetune_card_text(info: FinetuneCardInfo) -> str:
         'masks = segmenter("street.jpg", subtask="semantic")',
         "```",
         "",
-        "## Intended use and limitations",
+        "## Intended use",
         "",
-        "Research and prototyping of drivable-area and road-scene segmentation. Not validated for safety-critical "
-        "use. Accuracy depends on how close the input is to the training data (camera, resolution, country, "
-        "weather, lighting); rare classes score lower than frequent ones; check the per-class table.",
+        "Research and prototyping of drivable-area and road-scene segmentation on street-level camera images, as "
+        "in the India Driving Dataset (IDD): pre-labelling, dataset analysis, and a starting point for further "
+        "fine-tuning.",
+        "",
+        "## Limitations",
+        "",
+        "Not validated for safety-critical use such as driving decisions. Accuracy depends on how close the input "
+        "is to the training data (camera, resolution, country, weather, lighting); rare classes score lower than "
+        "frequent ones, so check the per-class table. The scores above come from the splits named under Data, not "
+        "from the official IDD benchmark server.",
+        "",
+        "## License",
+        "",
+        "The weights inherit the terms of the base checkpoint"
+        + (f" ([{info.base_model}](https://huggingface.co/{info.base_model}))" if info.base_model else "")
+        + " and of the training data. IDD is distributed for non-commercial research under its own terms of use "
+        "(https://idd.insaan.iiit.ac.in/); check both before any other use.",
         "",
     ]
     return "\n".join(lines)
