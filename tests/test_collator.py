@@ -65,17 +65,7 @@ def process(processor, examples):
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    # Two intra-op threads on a loaded 2-core runner spin against each other: one forward+backward goes from
-    # ~0.3 s to several seconds. One thread keeps the model tests fast; the setting is restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(single_thread):
+def tiny_model(one_torch_thread):
     torch.manual_seed(0)
     backbone = SwinConfig(
         embed_dim=16,

@@ -27,13 +27,7 @@ SPLIT_ARGS = ["--train_fraction", "0.7", "--val_fraction", "0.2", "--test_fracti
 QUIET = ["--dataloader_num_workers", "0", "--disable_tqdm", "True", "--report_to", "none"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Train on one thread: the tiny model gains nothing from two, and two threads spin-wait badly on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from roadseg_utils.synthetic import generate_synthetic_idd
 SPLIT_ARGS = ["--train_fraction", "0.5", "--val_fraction", "0.25", "--test_fraction", "0.25"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class HeadOutputDtypes(TrainerCallback):

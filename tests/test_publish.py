@@ -90,12 +90,7 @@ def scenes(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def files_holding(root: Path, secret: str) -> list[str]:

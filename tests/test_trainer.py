@@ -31,13 +31,7 @@ LABELS = idd_label_set(3)
 FROZEN_PREFIXES = ("model.pixel_level_module.encoder.", "model.pixel_level_module.decoder.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Train on one thread: the tiny model gains nothing from two, and two threads spin-wait badly on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
