@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # The whole pipeline on synthetic scenes with the tiny model: generate, select, fine-tune (encoder and pixel
 # decoder frozen), evaluate on the held-out test split. The higher learning rate suits a randomly initialised head.
