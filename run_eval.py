@@ -26,7 +26,7 @@ import sys  # noqa: E402
 from collections.abc import Mapping, Sequence  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
-from pathlib import Path, PurePosixPath  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -39,12 +39,15 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import HfArgumentParser, set_seed  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
+from roadseg_utils.atomic import write_text_atomically  # noqa: E402
 from roadseg_utils.collator import SegmentationCollator  # noqa: E402
 from roadseg_utils.data import (  # noqa: E402
     SPLIT_ALIASES,
     DataError,
     DataSourceArguments,
     dataset_column,
+    idd_frame_name,
+    idd_label_suffix,
     label_level,
     load_segmentation_dataset,
     with_sample_transform,
@@ -54,7 +57,6 @@ from roadseg_utils.hub import (  # noqa: E402
     hub_is_reachable,
     push_files_to_hub,
     update_model_card_eval_results,
-    write_text_atomically,
 )
 from roadseg_utils.labels import IDD_LEVELS, LabelSet, custom_label_set, get_label_set, idd_label_set  # noqa: E402
 from roadseg_utils.metrics import (  # noqa: E402
@@ -81,7 +83,6 @@ from roadseg_utils.visualize import (  # noqa: E402
 logger = logging.get_logger("run_eval")
 
 TTA_CHOICES = ("none", "flip")
-IDD_IMAGE_SUFFIX = "_leftImg8bit"
 CARD_METRICS = {
     "mean_iou": "mIoU",
     "mean_iou_level2": "mIoU (level 2)",
@@ -346,15 +347,9 @@ def predict_batch(
 # Outputs
 
 
-def frame_name(path: str) -> str:
-    """The frame id of an image path: its file name without the extension and an IDD ``_leftImg8bit`` suffix."""
-    stem = PurePosixPath(path.replace("\\", "/")).name.rsplit(".", 1)[0]
-    return stem[: -len(IDD_IMAGE_SUFFIX)] if stem.endswith(IDD_IMAGE_SUFFIX) else stem
-
-
 def export_suffix(level: int | None) -> str:
     """File ending of an exported prediction: the IDD ``_gtFine_labellevel<N>Ids.png`` (or ``_gtFine_labelIds.png``)."""
-    return f"_gtFine_labellevel{level}Ids.png" if level is not None else "_gtFine_labelIds.png"
+    return idd_label_suffix(level) if level is not None else "_gtFine_labelIds.png"
 
 
 def export_lookup(label_set: LabelSet, export_level: int | None) -> tuple[np.ndarray | None, int | None]:
@@ -377,7 +372,7 @@ def export_paths(
     export_dir: Path, paths: Sequence[str], sequences: Sequence[str], level: int | None
 ) -> list[Path]:
     """``<export_dir>/<sequence>/<frame><suffix>`` for every image; two images on one file is an error."""
-    targets = [export_dir / sequence / f"{frame_name(path)}{export_suffix(level)}"
+    targets = [export_dir / sequence / f"{idd_frame_name(path)}{export_suffix(level)}"
                for path, sequence in zip(paths, sequences, strict=True)]
     seen: dict[Path, str] = {}
     for target, path in zip(targets, paths, strict=True):
@@ -638,7 +633,7 @@ def write_outputs(
     for rank, index in enumerate(overlays):
         row = dataset[index]
         picture = render_overlay(np.asarray(row["image"]), row["label"], overlay_predictions[index], label_set)
-        save_png_atomically(picture, output_dir / "overlays" / f"{rank:03d}_{frame_name(paths[index])}.png")
+        save_png_atomically(picture, output_dir / "overlays" / f"{rank:03d}_{idd_frame_name(paths[index])}.png")
 
 
 def publish_results(results: Mapping[str, Any], eval_args: EvalArguments, data_args: DataSourceArguments) -> None:

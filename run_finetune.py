@@ -35,6 +35,7 @@ from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
+from roadseg_utils.atomic import write_text_atomically
 from roadseg_utils.data import (
     SPLITS,
     DataError,
@@ -49,7 +50,6 @@ from roadseg_utils.hub import (
     HubPublishError,
     require_hub,
     write_finetune_card,
-    write_text_atomically,
 )
 from roadseg_utils.labels import LabelSet, get_label_set
 from roadseg_utils.modeling import (

@@ -25,6 +25,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from roadseg_utils.atomic import write_text_atomically
 from roadseg_utils.data import DataSourceArguments
 from roadseg_utils.labels import get_label_set
 from roadseg_utils.selection import (
@@ -41,7 +42,6 @@ from roadseg_utils.selection import (
     select_images,
     write_manifest,
     write_plots,
-    write_text_atomically,
 )
 
 logger = logging.get_logger("run_selection")

@@ -424,9 +424,15 @@ def _walk_images(root: Path) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
-def _idd_frame(file_name: str) -> str:
-    stem = file_name.rsplit(".", 1)[0]
-    return stem[: -len(IDD_IMAGE_SUFFIX)] if stem.endswith(IDD_IMAGE_SUFFIX) else stem
+def idd_frame_name(path: str | os.PathLike[str]) -> str:
+    """The frame id of an image path: its file name without the extension and an IDD ``_leftImg8bit`` suffix."""
+    stem = PurePosixPath(os.fspath(path).replace("\\", "/")).name.rsplit(".", 1)[0]
+    return stem.removesuffix(IDD_IMAGE_SUFFIX)
+
+
+def idd_label_suffix(level: int) -> str:
+    """The file ending of an IDD label-id map at ``level``: ``_gtFine_labellevel<N>Ids.png``."""
+    return f"_gtFine_labellevel{level}Ids.png"
 
 
 def _find_idd_records(args: DataSourceArguments, label_set: LabelSet, include_unlabeled: bool) -> list[SampleRecord]:
@@ -444,7 +450,7 @@ def _find_idd_records(args: DataSourceArguments, label_set: LabelSet, include_un
                 f"{root}: label set {label_set.name} is custom, so the IDD tree's masks cannot be named by level; "
                 "pass --mask_suffix (e.g. _gtFine_labelCustomIds.png)"
             )
-        mask_suffix = f"_gtFine_labellevel{level}Ids.png"
+        mask_suffix = idd_label_suffix(level)
     records = []
     for split_dir in sorted(p for p in images_root.iterdir() if p.is_dir()):
         split = SPLIT_ALIASES.get(split_dir.name.lower())
@@ -456,7 +462,7 @@ def _find_idd_records(args: DataSourceArguments, label_set: LabelSet, include_un
         unlabeled = 0
         for image_path in _walk_images(split_dir):
             relative = image_path.relative_to(split_dir)
-            frame = _idd_frame(image_path.name)
+            frame = idd_frame_name(image_path.name)
             png = labels_root / relative.parent / f"{frame}{mask_suffix}"
             polygons = labels_root / relative.parent / f"{frame}{IDD_POLYGON_SUFFIX}"
             if png.is_file():

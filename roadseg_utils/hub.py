@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -16,6 +15,7 @@ from urllib.parse import urlparse
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants
 from huggingface_hub.errors import HfHubHTTPError
 
+from .atomic import write_text_atomically
 from .labels import IGNORE_INDEX, LabelSet
 
 
@@ -308,25 +308,6 @@ def finetune_card_text(info: FinetuneCardInfo) -> str:
 def build_finetune_card(info: FinetuneCardInfo) -> ModelCard:
     """The complete model card (YAML metadata with model-index, then the Markdown body)."""
     return ModelCard(f"---\n{finetune_card_data(info).to_yaml()}\n---\n\n{finetune_card_text(info)}")
-
-
-def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        # mkstemp creates the file as 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_finetune_card(output_dir: str | os.PathLike[str], info: FinetuneCardInfo) -> Path:

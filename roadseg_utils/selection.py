@@ -49,6 +49,7 @@ from tqdm import tqdm
 from transformers.utils import logging
 
 from . import hub
+from .atomic import write_atomically, write_text_atomically
 from .data import (
     BadSampleError,
     DataError,
@@ -60,6 +61,7 @@ from .data import (
     UnreadableMaskError,
     dataset_column,
     find_records,
+    idd_frame_name,
     label_level,
     load_segmentation_dataset,
     paths_fingerprint,
@@ -414,8 +416,8 @@ class HistogramCache:
         stamps = np.concatenate([self._stamps[kept], np.array([v[:2] for v in self._new.values()], np.int64)])
         histograms = np.concatenate([self._histograms[kept], np.stack([v[2] for v in self._new.values()])])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.path, lambda handle: np.savez(
-            handle, version=np.int64(CACHE_VERSION), keys=np.array(keys), stamps=stamps, histograms=histograms
+        write_atomically(self.path, lambda stream: np.savez(
+            stream, version=np.int64(CACHE_VERSION), keys=np.array(keys), stamps=stamps, histograms=histograms
         ))
 
 
@@ -836,23 +838,6 @@ def select_images(
 # Manifest
 
 
-def _write_atomically(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(handle)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as handle:
-            write(handle)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
-    _write_atomically(Path(path), lambda handle: handle.write(text), mode="w")
-
-
 def manifest_rows(selection: Selection) -> list[dict[str, Any]]:
     """The manifest rows (DESIGN.md columns) in rank order."""
     order = np.argsort(selection.rank, kind="stable")
@@ -1125,7 +1110,7 @@ def _files_of_record(record: SampleRecord, root: Path, listing: dict[Path, list[
     label = Path(os.path.abspath(record.label_path))
     name = Path(record.image_path).name
     stem = name.rsplit(".", 1)[0]
-    frame = stem.removesuffix("_leftImg8bit")
+    frame = idd_frame_name(name)
     if frame != stem and label.name.startswith(f"{frame}_gtFine_"):
         # IDD: mirror every gtFine file of the frame (polygons and the label maps of all levels).
         folder = label.parent

@@ -26,14 +26,15 @@ from PIL import Image, ImageDraw
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
-from .data import rasterize_polygons
+from .atomic import write_atomically, write_text_atomically
+from .data import IDD_IMAGE_SUFFIX, IDD_POLYGON_SUFFIX, idd_label_suffix, rasterize_polygons
 from .labels import IGNORE_INDEX, LEVEL3_NAMES, idd_label_set, raw_name_to_id
 
 logger = logging.get_logger(__name__)
 
-IMAGE_SUFFIX = "_leftImg8bit.png"
-LABEL_SUFFIX = "_gtFine_labellevel3Ids.png"
-POLYGONS_SUFFIX = "_gtFine_polygons.json"
+IMAGE_SUFFIX = f"{IDD_IMAGE_SUFFIX}.png"
+LABEL_SUFFIX = idd_label_suffix(3)
+POLYGONS_SUFFIX = IDD_POLYGON_SUFFIX
 MIN_IMAGE_SIDE = 16
 
 # Pinhole camera in metres; the focal length is in image widths (about a 64 degree field of view, like a dashcam).
@@ -910,16 +911,6 @@ def _shade(base: np.ndarray, emissive: np.ndarray, labels: np.ndarray, horizon_r
     return (np.clip(image, 0, 255) + 0.5).astype(np.uint8)
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 def _frame_paths(output_dir: Path, split: str, sequence: str, frame: str) -> tuple[Path, Path, Path]:
     image_dir = output_dir / "leftImg8bit" / split / sequence
     label_dir = output_dir / "gtFine" / split / sequence
@@ -939,9 +930,9 @@ def _render_frame(job: _FrameJob) -> SyntheticFrame:
     label_path.parent.mkdir(parents=True, exist_ok=True)
     # The image goes last: a frame whose image exists always has its annotation and label map.
     text = json.dumps(annotation)
-    _replace_atomically(polygons_path, lambda tmp: tmp.write_text(text))
-    _replace_atomically(label_path, lambda tmp: Image.fromarray(labels).save(tmp, format="PNG"))
-    _replace_atomically(image_path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", compress_level=1))
+    write_text_atomically(polygons_path, text)
+    write_atomically(label_path, lambda stream: Image.fromarray(labels).save(stream, format="PNG"))
+    write_atomically(image_path, lambda stream: Image.fromarray(image).save(stream, format="PNG", compress_level=1))
     present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256)[:IGNORE_INDEX])
     return SyntheticFrame(job.sequence, job.frame, image_path, label_path, polygons_path,
                           tuple(int(c) for c in present))

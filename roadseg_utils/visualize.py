@@ -7,7 +7,6 @@ display, and every PNG is written through a temporary file and a rename.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import write_atomically
 from .labels import IGNORE_INDEX, LabelSet
 
 
 def _save_selection_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
     """Write a matplotlib figure as a PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        figure.savefig(temporary, format="png", dpi=100)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return path
+    return write_atomically(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
 
 
 def _selection_bars(positions: np.ndarray, lengths: np.ndarray, thickness: float, color: str, label: str) -> Any:
@@ -266,22 +257,7 @@ def plot_per_class_iou(
 
 
 def save_png_atomically(picture: Image.Image | Any, path: str | os.PathLike[str]) -> Path:
-    """Write a PIL image or a matplotlib figure as PNG via a temporary file in the same folder and ``os.replace``.
-
-    Safe to call from several threads at once: each write has its own temporary name, created with ``open`` so the
-    file gets the usual permissions (``mkstemp`` would make it 0600, and reading the umask is not thread-safe).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as stream:
-            if isinstance(picture, Image.Image):
-                picture.save(stream, format="PNG")
-            else:
-                picture.savefig(stream, format="png", dpi=picture.dpi)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    """Write a PIL image or a matplotlib figure as PNG atomically (safe from several threads at once)."""
+    if isinstance(picture, Image.Image):
+        return write_atomically(path, lambda stream: picture.save(stream, format="PNG"))
+    return write_atomically(path, lambda stream: picture.savefig(stream, format="png", dpi=picture.dpi))

@@ -186,8 +186,12 @@ def test_interrupted_write_leaves_no_partial_png(tmp_path, monkeypatch):
     original_save = Image.Image.save
 
     def failing_save(self, fp, *args, **kwargs):
-        if IMAGE_SUFFIX in str(fp):
-            Path(fp).write_bytes(b"\x89PNG partial")
+        # The writer may hand save() a path or an open stream; either way the name holds the target's suffix.
+        if IMAGE_SUFFIX in str(getattr(fp, "name", fp)):
+            if hasattr(fp, "write"):
+                fp.write(b"\x89PNG partial")
+            else:
+                Path(fp).write_bytes(b"\x89PNG partial")
             raise OSError("disk full")
         return original_save(self, fp, *args, **kwargs)
 
