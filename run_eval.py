@@ -272,7 +272,7 @@ class EvalCollator:
     """The project collator, padded to a multiple of the model's stride, without the training-only mask targets."""
 
     def __init__(self, size_divisor: int) -> None:
-        self.collator = SegmentationCollator()
+        self.collator = SegmentationCollator(with_targets=False)
         self.size_divisor = max(1, int(size_divisor))
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

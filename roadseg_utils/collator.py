@@ -86,6 +86,8 @@ class SegmentationCollator:
     ignore_index: int = IGNORE_INDEX
     mask_dtype: torch.dtype = torch.bool
     num_labels: int | None = None
+    # Inference needs no loss targets: without them ``mask_labels`` and ``class_labels`` are empty lists.
+    with_targets: bool = True
 
     def __post_init__(self) -> None:
         if self.mask_dtype not in (torch.bool, torch.uint8):
@@ -124,6 +126,8 @@ class SegmentationCollator:
             h, w = label.shape
             pixel_values[i, :, :h, :w] = image
             pixel_mask[i, :h, :w] = valid
+            if not self.with_targets:
+                continue
             if (h, w) != (height, width):
                 padded = np.full((height, width), self.ignore_index, dtype=np.uint8)
                 padded[:h, :w] = label

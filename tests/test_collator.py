@@ -163,6 +163,19 @@ def test_eval_batch_of_different_sizes_is_padded(processor):
         assert not masks[:, pixel_mask == 0].any()
 
 
+def test_without_targets_keeps_inputs_and_originals():
+    rng = np.random.default_rng(1)
+    examples = [make_example(random_label(32, 48, rng), rng) for _ in range(2)]
+    full = SegmentationCollator()(examples)
+    inference = SegmentationCollator(with_targets=False)(examples)
+    assert tuple(inference) == BATCH_KEYS
+    assert inference["mask_labels"] == [] and inference["class_labels"] == []
+    for key in ("pixel_values", "pixel_mask"):
+        assert torch.equal(inference[key], full[key])
+    for a, b in zip(inference["original_segmentation_maps"], full["original_segmentation_maps"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_pixel_mask_comes_from_valid_map():
     rng = np.random.default_rng(3)
     label = random_label(32, 32, rng, ignore_share=0.0)
