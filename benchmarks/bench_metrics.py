@@ -1,8 +1,9 @@
 """Side-by-side timing of StreamingConfusionMatrix against torchmetrics and a per-image numpy histogram.
 
-Run from the repository root: ``python -m benchmarks.bench_metrics [--num_maps 100 --height 1080 --width 1920]``.
-Every method sees the same maps, generated once up front (not timed), and is timed over one pass in this one
-process, so the ratios compare like with like; absolute times move with the load of the machine.
+Run from the repository root: ``python -m benchmarks.bench_metrics [--num_maps 100 --repeats 3]``.
+Every method sees the same maps, generated once up front (not timed), and is timed the same way in this one process
+(a warm-up on three maps, then the median of ``--repeats`` passes over all of them), so the ratios compare like with
+like; absolute times move with the load of the machine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -39,11 +41,15 @@ def make_maps(
     return predictions, references
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """Wall time of one call, and its result."""
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def median_time(fn: Callable[[int], Any], num_maps: int, repeats: int, warmup_maps: int = 3) -> tuple[float, Any]:
+    """Median wall time of ``repeats`` passes of ``fn`` over ``num_maps`` maps after a short warm-up, and a result."""
+    fn(min(warmup_maps, num_maps))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn(num_maps)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
 
 
 def histogram_iou(predictions: list[np.ndarray], references: list[np.ndarray], num_classes: int) -> np.ndarray:
@@ -63,7 +69,12 @@ def histogram_iou(predictions: list[np.ndarray], references: list[np.ndarray], n
 
 
 def bench_metrics(
-    num_maps: int = 100, height: int = 1080, width: int = 1920, num_classes: int = 26, seed: int = 0
+    num_maps: int = 100,
+    height: int = 1080,
+    width: int = 1920,
+    num_classes: int = 26,
+    repeats: int = 3,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Time every method on the same maps; assert they agree with ours."""
     from torchmetrics.classification import MulticlassJaccardIndex
@@ -73,35 +84,48 @@ def bench_metrics(
     ref_tensors = [torch.from_numpy(r) for r in references]
     argmax_like = [p.long() for p in pred_tensors]
 
-    def ours(maps: list[Any], refs: list[Any]) -> StreamingConfusionMatrix:
-        counts = StreamingConfusionMatrix(num_classes)
-        for prediction, reference in zip(maps, refs, strict=True):
-            counts.update(prediction, reference)
-        return counts
+    def ours(maps: list[Any], refs: list[Any]) -> Callable[[int], StreamingConfusionMatrix]:
+        def count(n: int) -> StreamingConfusionMatrix:
+            counts = StreamingConfusionMatrix(num_classes)
+            for prediction, reference in zip(maps[:n], refs[:n], strict=True):
+                counts.update(prediction, reference)
+            return counts
 
-    def torchmetrics_jaccard() -> Any:
+        return count
+
+    def torchmetrics_jaccard(n: int) -> Any:
         metric = MulticlassJaccardIndex(num_classes=num_classes, ignore_index=IGNORE_INDEX, average=None)
-        for prediction, reference in zip(pred_tensors, ref_tensors, strict=True):
+        for prediction, reference in zip(pred_tensors[:n], ref_tensors[:n], strict=True):
             metric.update(prediction, reference)
         return metric
 
-    def torch_bincount() -> torch.Tensor:
+    def torch_bincount(n: int) -> torch.Tensor:
         joint = torch.zeros(NUM_CODES * NUM_CODES, dtype=torch.long)
-        for prediction, reference in zip(pred_tensors, ref_tensors, strict=True):
+        for prediction, reference in zip(pred_tensors[:n], ref_tensors[:n], strict=True):
             codes = (reference.reshape(-1).long() << 8) | prediction.reshape(-1).long()
             joint += torch.bincount(codes, minlength=NUM_CODES * NUM_CODES)
         return joint.reshape(NUM_CODES, NUM_CODES)[:num_classes, :num_classes]
 
-    ours_s, counts = timed(lambda: ours(predictions, references))
-    ours_int64_s, counts_int64 = timed(lambda: ours(argmax_like, ref_tensors))
+    def timed(fn: Callable[[int], Any]) -> tuple[float, Any]:
+        return median_time(fn, num_maps, repeats)
+
+    ours_s, counts = timed(ours(predictions, references))
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        ours_one_thread_s, counts_one_thread = timed(ours(predictions, references))
+    finally:
+        cv2.setNumThreads(threads)
+    ours_int64_s, counts_int64 = timed(ours(argmax_like, ref_tensors))
     torchmetrics_s, jaccard = timed(torchmetrics_jaccard)
     torchmetrics_iou = jaccard.compute().double().numpy()
-    histogram_s, histogram_ious = timed(lambda: histogram_iou(predictions, references, num_classes))
+    histogram_s, histogram_ious = timed(lambda n: histogram_iou(predictions[:n], references[:n], num_classes))
     torch_bincount_s, torch_joint = timed(torch_bincount)
 
     our_iou = counts.compute()["per_category_iou"]
     assert np.array_equal(counts.matrix, jaccard.confmat.numpy()), "confusion matrix differs from torchmetrics'"
     assert np.array_equal(counts_int64.matrix, counts.matrix), "int64 tensor inputs give another matrix"
+    assert np.array_equal(counts_one_thread.matrix, counts.matrix), "one thread gives another matrix"
     assert np.array_equal(torch_joint.numpy(), counts.matrix), "torch.bincount gives another matrix"
     torchmetrics_diff = float(np.nanmax(np.abs(our_iou - torchmetrics_iou)))
     histogram_diff = float(np.nanmax(np.abs(our_iou - histogram_ious)))
@@ -111,11 +135,14 @@ def bench_metrics(
     assert np.array_equal(per_category_iou(counts.matrix), our_iou)
     return {
         "num_maps": num_maps,
+        "repeats": repeats,
         "height": height,
         "width": width,
         "torch_threads": torch.get_num_threads(),
+        "opencv_threads": threads,
         "times": {
             "StreamingConfusionMatrix (uint8 numpy maps)": ours_s,
+            "StreamingConfusionMatrix, one OpenCV thread": ours_one_thread_s,
             "StreamingConfusionMatrix (int64 torch predictions)": ours_int64_s,
             "torchmetrics MulticlassJaccardIndex": torchmetrics_s,
             "per-image np.histogram (evaluate mean_iou)": histogram_s,
@@ -135,6 +162,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--width", type=int, default=1920)
     parser.add_argument("--num_classes", type=int, default=26)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per method; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     result = bench_metrics(**vars(args))
@@ -142,7 +170,8 @@ def main() -> None:
     torchmetrics_s = result["times"]["torchmetrics MulticlassJaccardIndex"]
     print(
         f"{result['num_maps']} maps of {result['height']}x{result['width']}, {args.num_classes} classes + "
-        f"{IGNORE_SHARE:.0%} ignore, torch threads {result['torch_threads']}, one pass each"
+        f"{IGNORE_SHARE:.0%} ignore, torch threads {result['torch_threads']}, OpenCV threads "
+        f"{result['opencv_threads']}, median of {result['repeats']} passes each after a warm-up"
     )
     print(f"{'method':<52}{'total (s)':>11}{'ms/map':>10}{'vs torchmetrics':>17}")
     for name, seconds in result["times"].items():

@@ -5,13 +5,15 @@ matrix ``C`` is true x predicted; ``IoU_c = C_cc / (row_c + col_c - C_cc)``; a c
 NaN and left out of every mean. Coarser levels (IDD level 2 and 1) are scored from the same matrix by summing its
 rows and columns into the coarse groups, as the official IDD evaluation does.
 
-Counting is one ``bincount`` per update over the combined code ``(reference << 8) | prediction`` of uint8 maps: a
-256 x 256 joint histogram. It needs no masking pass (ignore pixels land in their own row), and any value outside the
-label set shows up as counts outside the ``num_labels`` x ``num_labels`` block, so validation is free. Measured on
-this project's 2-core CPU for a 1080x1920 map: ``np.bincount`` on the uint16 code ~6 ms, the same with
-``torch.bincount`` ~55 ms (int32) to ~145 ms (int64), masking first and then counting ``26 * ref + pred`` ~17 ms
-(numpy) / ~130 ms (torch). Host inputs (numpy, lists, CPU tensors) therefore go through numpy; tensors on an
-accelerator are counted with ``torch.bincount`` on their own device and never leave it.
+Counting is a 256 x 256 joint histogram of (reference, prediction) value pairs of uint8 maps per update. It needs no
+masking pass (ignore pixels land in their own row), and any value outside the label set shows up as counts outside
+the ``num_labels`` x ``num_labels`` block, so validation is free. Host maps are counted by OpenCV's two-channel
+``calcHist``, split into a few flat chunks counted on a thread pool (OpenCV releases the GIL). Measured on this
+project's 2-core CPU for a 1080x1920 map: ``calcHist`` in two threads ~2-3 ms, in one ~3.3 ms, ``np.bincount`` on
+the combined uint16 code ``(reference << 8) | prediction`` ~6 ms (it widens the code to int64 first),
+``torch.bincount`` on it ~9 ms (int32) to ~145 ms (int64), masking first and then counting ``26 * ref + pred``
+~17 ms (numpy) / ~130 ms (torch). Tensors on an accelerator are counted with ``torch.bincount`` on their own device
+and never leave it.
 
 Distributed use: in the ``Trainer`` with ``batch_eval_metrics=True`` the predictions and labels handed to
 ``compute_metrics`` are already gathered from every rank, so each rank's matrix is complete and must not be summed
@@ -22,9 +24,12 @@ before computing the metrics.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -32,6 +37,9 @@ from .labels import IGNORE_INDEX
 
 NUM_CODES = 256
 OUT_OF_RANGE_BIN = NUM_CODES * NUM_CODES
+MAX_CHUNK_PIXELS = 1 << 23
+# Below ~250k pixels a chunk costs less than handing it to another thread.
+MIN_THREADED_CHUNK_PIXELS = 1 << 18
 
 ArrayLike = Any
 
@@ -67,12 +75,37 @@ def _host_uint8(values: np.ndarray, role: str) -> np.ndarray:
     return values.astype(np.uint8)
 
 
+def _pair_histogram(references: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    counts = cv2.calcHist([references, predictions], [0, 1], None, [NUM_CODES, NUM_CODES], [0, NUM_CODES] * 2)
+    return counts.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _histogram_pool(process_id: int, num_threads: int) -> ThreadPoolExecutor:
+    """The thread pool of one process (keyed by pid: a pool inherited through fork has no threads behind it)."""
+    return ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="roadseg-metric")
+
+
 def joint_counts_numpy(predictions: np.ndarray, references: np.ndarray) -> np.ndarray:
     """A (256, 256) int64 histogram of (reference, prediction) value pairs over two equally shaped host maps."""
-    codes = _host_uint8(references, "references").astype(np.uint16)
-    codes <<= 8
-    codes |= _host_uint8(predictions, "predictions")
-    return np.bincount(codes.ravel(), minlength=OUT_OF_RANGE_BIN).reshape(NUM_CODES, NUM_CODES)
+    refs = np.ascontiguousarray(_host_uint8(references, "references")).reshape(-1)
+    preds = np.ascontiguousarray(_host_uint8(predictions, "predictions")).reshape(-1)
+    if not refs.size:
+        return np.zeros((NUM_CODES, NUM_CODES), dtype=np.int64)
+    # calcHist counts in float32, exact below 2**24 per bin; chunks of at most MAX_CHUNK_PIXELS keep it exact.
+    num_threads = max(1, cv2.getNumThreads())
+    num_chunks = max(-(-refs.size // MAX_CHUNK_PIXELS), min(num_threads, refs.size // MIN_THREADED_CHUNK_PIXELS))
+    bounds = np.linspace(0, refs.size, num_chunks + 1).astype(np.int64)
+    chunks = [(refs[start:stop], preds[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+    if num_threads == 1:
+        return sum(_pair_histogram(ref_chunk, pred_chunk) for ref_chunk, pred_chunk in chunks)
+    # The caller counts the first chunk while the pool counts the rest: 2.0 against 2.5 ms per 1080x1920 map here.
+    pool = _histogram_pool(os.getpid(), num_threads)
+    pending = [pool.submit(_pair_histogram, ref_chunk, pred_chunk) for ref_chunk, pred_chunk in chunks[1:]]
+    counts = _pair_histogram(*chunks[0])
+    for future in pending:
+        counts += future.result()
+    return counts
 
 
 def joint_counts_torch(predictions: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

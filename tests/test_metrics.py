@@ -166,6 +166,53 @@ def test_torch_numpy_and_list_inputs_agree(varied_maps, monkeypatch):
     np.testing.assert_array_equal(on_device.matrix, from_numpy)
 
 
+def test_chunked_threaded_counting_equals_brute_force(monkeypatch):
+    predictions, references = make_maps(3, [(37, 53)] * 3, list(range(6)), list(range(6)))
+    expected = brute_force_confusion(predictions, references, 6)
+    # Tiny chunks and four threads: the map of 3 x 37 x 53 pixels is split unevenly over the pool.
+    monkeypatch.setattr(metrics, "MIN_THREADED_CHUNK_PIXELS", 100)
+    monkeypatch.setattr(metrics, "MAX_CHUNK_PIXELS", 1000)
+    monkeypatch.setattr(metrics.cv2, "getNumThreads", lambda: 4)
+    batch = StreamingConfusionMatrix(6).update(np.stack(predictions), np.stack(references))
+    np.testing.assert_array_equal(batch.matrix, expected)
+    monkeypatch.setattr(metrics.cv2, "getNumThreads", lambda: 1)
+    np.testing.assert_array_equal(StreamingConfusionMatrix(6).update(predictions, references).matrix, expected)
+
+
+def test_counts_stay_exact_beyond_float32_integers(monkeypatch):
+    # OpenCV histograms count in float32, which cannot hold 2**24 + 1; the chunking must keep every count exact,
+    # also in one thread, where no split comes from the thread count.
+    monkeypatch.setattr(metrics.cv2, "getNumThreads", lambda: 1)
+    size = (1 << 24) + 2
+    references = np.zeros((1, size), dtype=np.uint8)
+    predictions = np.zeros((1, size), dtype=np.uint8)
+    predictions[0, -1] = 1
+    counts = StreamingConfusionMatrix(2).update(predictions, references).matrix
+    assert counts.tolist() == [[size - 1, 1], [0, 0]]
+
+
+def _count_in_child(queue) -> None:
+    predictions, references = make_maps(4, [(700, 800)], [0, 1, 2], [0, 1, 2])
+    queue.put(StreamingConfusionMatrix(3).update(predictions, references).matrix.tolist())
+
+
+def test_counting_works_in_a_forked_child_after_the_parent_used_its_threads():
+    import multiprocessing
+
+    predictions, references = make_maps(4, [(700, 800)], [0, 1, 2], [0, 1, 2])
+    expected = StreamingConfusionMatrix(3).update(predictions, references).matrix.tolist()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_count_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("counting in a forked child hung (a thread pool inherited through fork)")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == expected
+
+
 @pytest.fixture(scope="module")
 def idd_maps() -> tuple[list[np.ndarray], list[np.ndarray]]:
     classes = list(range(26))
