@@ -6,6 +6,12 @@ from one broadcast comparison. They stay bool (or uint8) on the host; the traine
 dtype on the device. float32 masks would take 4x the memory and, built here, ~18x the time
 (``python -m benchmarks.bench_collator``).
 
+Memory. A batch of 8 crops of 512x1024 is ~170 MB (pixel values, pixel mask, bool masks). Fresh memory of that
+size comes from the OS page by page, and those page faults cost more than the writes themselves (measured here:
+the masks of one such batch take 17-28 ms to build in fresh memory, 7 ms in memory used before). So every batch is
+carved from one block of a per-process :class:`HostBufferPool`, and the block is reused once nothing refers to any
+of its arrays any more (the trainer moved the batch to the device, pinned it, or dropped it).
+
 Padding. ``pixel_mask`` is 1 on real pixels and 0 on padding: padding added by the transform when an image is
 smaller than the crop (known exactly from the transform's ``valid`` map), and, in evaluation batches of images of
 different sizes, the bottom/right padding up to the largest image (pixel values 0, label 255). Training crops
@@ -29,6 +35,10 @@ runs forward and backward through a tiny model on batches with such a crop to ke
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +52,7 @@ from .labels import IGNORE_INDEX
 logger = logging.get_logger(__name__)
 
 NUM_BINS = 256
+ALIGNMENT = 64
 MODEL_INPUT_KEYS = ("pixel_values", "pixel_mask", "mask_labels", "class_labels")
 BATCH_KEYS = (*MODEL_INPUT_KEYS, "original_images", "original_segmentation_maps")
 
@@ -55,10 +66,70 @@ def present_classes(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.n
     return np.flatnonzero(counts)
 
 
-def binary_masks(label: np.ndarray, classes: np.ndarray) -> torch.Tensor:
-    """One bool (N, H, W) mask per class id in ``classes``, built in a single broadcast comparison."""
+def binary_masks(label: np.ndarray, classes: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
+    """One bool (N, H, W) mask per class id in ``classes``, built in a single broadcast comparison (into ``out``)."""
     # NumPy's broadcast comparison on uint8 is ~9x faster than torch's here (benchmarks/bench_collator.py).
-    return torch.from_numpy(label[None] == classes.astype(label.dtype)[:, None, None])
+    masks = np.equal(label[None], classes.astype(label.dtype)[:, None, None], out=out)
+    return torch.from_numpy(masks)
+
+
+class HostBufferPool:
+    """Host memory for batches, handed out in blocks; a block is reused once no array carved from it is alive.
+
+    Liveness is exact: every carved array is a view of one per-block arena, and torch tensors made from those views
+    (and their slices) keep the arena alive, so a block comes back only when its last view has been freed. At most
+    ``max_idle_blocks`` blocks wait for reuse; the others go back to the OS.
+    """
+
+    def __init__(self, max_idle_blocks: int = 2, headroom: float = 1.25):
+        self.max_idle_blocks = max_idle_blocks
+        self.headroom = headroom
+        self._idle: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def carve(self, layouts: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
+        """Uninitialised arrays of the given (shape, dtype) pairs, all from one block."""
+        sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in layouts]
+        offsets = np.cumsum([0] + [-(-size // ALIGNMENT) * ALIGNMENT for size in sizes]).tolist()
+        block = self._take(offsets[-1])
+        start = -block.ctypes.data % ALIGNMENT
+        arena = np.frombuffer(memoryview(block)[start : start + offsets[-1]], dtype=np.uint8)
+        weakref.finalize(arena, self._give_back, block)
+        return [
+            arena[offset : offset + size].view(dtype).reshape(shape)
+            for offset, size, (shape, dtype) in zip(offsets, sizes, layouts, strict=False)
+        ]
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes held in blocks waiting for reuse."""
+        with self._lock:
+            return sum(block.nbytes for block in self._idle)
+
+    def _take(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            fitting = [i for i, block in enumerate(self._idle) if block.nbytes >= nbytes + ALIGNMENT]
+            if fitting:
+                return self._idle.pop(min(fitting, key=lambda i: self._idle[i].nbytes))
+        # Headroom lets the next batch, with a few more masks, fit the same block.
+        return np.empty(int(nbytes * self.headroom) + ALIGNMENT, dtype=np.uint8)
+
+    def _give_back(self, block: np.ndarray) -> None:
+        with self._lock:
+            self._idle.append(block)
+            self._idle.sort(key=lambda candidate: candidate.nbytes, reverse=True)
+            del self._idle[self.max_idle_blocks :]
+
+
+@functools.lru_cache(maxsize=1)
+def _process_pool(process_id: int) -> HostBufferPool:
+    """The buffer pool of one process (keyed by pid, so that a forked data-loader worker starts its own)."""
+    return HostBufferPool()
+
+
+def host_buffer_pool() -> HostBufferPool:
+    """The current process's pool that collated batches are carved from."""
+    return _process_pool(os.getpid())
 
 
 def _as_uint8_label(label: Any, source: str) -> np.ndarray:
@@ -118,11 +189,26 @@ class SegmentationCollator:
         width = max(label.shape[1] for label in labels)
         # Fixed-size training crops never need padding here; evaluation images of different sizes do.
         needs_padding = any(label.shape != (height, width) for label in labels)
-        allocate = np.zeros if needs_padding else np.empty
-        pixel_values = allocate((batch_size, 3, height, width), dtype=np.float32)
-        pixel_mask = allocate((batch_size, height, width), dtype=np.int64)
+        image_classes = []
+        if self.with_targets:
+            for label, source in zip(labels, sources, strict=True):
+                classes = present_classes(label, self.ignore_index)
+                if self.num_labels is not None and classes.size and classes[-1] >= self.num_labels:
+                    unknown = classes[classes >= self.num_labels].tolist()
+                    raise ValueError(f"{source}: label ids {unknown} outside 0..{self.num_labels - 1} (ignore is 255)")
+                if not classes.size:
+                    logger.debug("%s: no labelled pixel in this crop; it gets a no-object-only target", source)
+                image_classes.append(classes)
+
+        pixel_values, pixel_mask, *masks = host_buffer_pool().carve(
+            [((batch_size, 3, height, width), np.float32), ((batch_size, height, width), np.int64)]
+            + [((classes.size, height, width), np.bool_) for classes in image_classes]
+        )
+        if needs_padding:
+            pixel_values.fill(0)
+            pixel_mask.fill(0)
         mask_labels, class_labels = [], []
-        for i, (image, label, valid, source) in enumerate(zip(images, labels, valids, sources, strict=True)):
+        for i, (image, label, valid) in enumerate(zip(images, labels, valids, strict=True)):
             h, w = label.shape
             pixel_values[i, :, :h, :w] = image
             pixel_mask[i, :h, :w] = valid
@@ -132,14 +218,9 @@ class SegmentationCollator:
                 padded = np.full((height, width), self.ignore_index, dtype=np.uint8)
                 padded[:h, :w] = label
                 label = padded
-            classes = present_classes(label, self.ignore_index)
-            if self.num_labels is not None and classes.size and classes[-1] >= self.num_labels:
-                unknown = classes[classes >= self.num_labels].tolist()
-                raise ValueError(f"{source}: label ids {unknown} outside 0..{self.num_labels - 1} (ignore is 255)")
-            if not classes.size:
-                logger.debug("%s: no labelled pixel in this crop; it gets a no-object-only target", source)
-            masks = binary_masks(label, classes)
-            mask_labels.append(masks if self.mask_dtype == torch.bool else masks.view(torch.uint8))
+            classes = image_classes[i]
+            image_masks = binary_masks(label, classes, out=masks[i])
+            mask_labels.append(image_masks if self.mask_dtype == torch.bool else image_masks.view(torch.uint8))
             class_labels.append(torch.from_numpy(classes.astype(np.int64)))
 
         return {

@@ -253,3 +253,60 @@ def test_transformed_rows_train_the_tiny_model(tiny_model):
     assert batch["mask_labels"][2].shape == (0, 64, 64)
     loss = forward_backward(tiny_model, {key: batch[key] for key in MODEL_INPUT_KEYS})
     assert torch.isfinite(loss)
+
+
+def expected_batch(examples):
+    """What the collator must return for equally sized examples, built independently of its buffers."""
+    masks = [np.stack([ex["label"] == c for c in np.unique(ex["label"][ex["label"] != 255])]) for ex in examples]
+    return np.stack([ex["pixel_values"] for ex in examples]), masks
+
+
+def assert_batch_equals(batch, examples):
+    pixel_values, masks = expected_batch(examples)
+    np.testing.assert_array_equal(batch["pixel_values"].numpy(), pixel_values)
+    assert batch["pixel_mask"].dtype == torch.int64 and bool((batch["pixel_mask"] == 1).all())
+    for ours, theirs in zip(batch["mask_labels"], masks, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs)
+
+
+def test_batches_reuse_freed_memory_and_never_memory_still_in_use():
+    from roadseg_utils.collator import host_buffer_pool
+
+    rng = np.random.default_rng(8)
+    collator = SegmentationCollator(num_labels=NUM_LABELS)
+    groups = [[make_example(random_label(48, 64, rng, 0.1), rng) for _ in range(3)] for _ in range(4)]
+
+    first = collator(groups[0])
+    address = first["pixel_values"].data_ptr()
+    del first
+    second = collator(groups[1])
+    assert second["pixel_values"].data_ptr() == address, "a freed batch's block was not reused"
+
+    # While any view of a batch lives, even one mask slice, its block is not handed out again.
+    kept_slice = second["mask_labels"][1][0]
+    kept_values = kept_slice.clone()
+    del second
+    later = [collator(group) for group in groups[2:]] + [collator(groups[0])]
+    assert all(batch["pixel_values"].data_ptr() != address for batch in later)
+    assert torch.equal(kept_slice, kept_values)
+    for batch, group in zip(later, [*groups[2:], groups[0]], strict=True):
+        assert_batch_equals(batch, group)
+
+    del kept_slice, later
+    pool = host_buffer_pool()
+    assert len(pool._idle) <= pool.max_idle_blocks and pool.idle_bytes > 0
+
+
+def test_batches_from_data_loader_workers_are_intact():
+    rng = np.random.default_rng(9)
+    examples = [make_example(random_label(40, 56, rng, 0.1), rng, path=f"f{i}") for i in range(12)]
+    for example in examples:
+        del example["original_image"], example["original_label"]
+    loader = torch.utils.data.DataLoader(
+        examples, batch_size=3, num_workers=2, collate_fn=SegmentationCollator(num_labels=NUM_LABELS)
+    )
+    # Hold every batch: each must keep its own contents while later ones are collated in the workers.
+    batches = list(loader)
+    assert len(batches) == 4
+    for index, batch in enumerate(batches):
+        assert_batch_equals(batch, examples[3 * index : 3 * index + 3])
