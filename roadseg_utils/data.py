@@ -32,9 +32,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import datasets
 import numpy as np
 import pyarrow as pa
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -42,6 +41,10 @@ from PIL import Image, ImageDraw
 from transformers.utils import logging
 
 from .labels import IGNORE_INDEX, LabelSet, get_label_set, raw_name_to_id
+
+if TYPE_CHECKING:
+    # Imported where used: `datasets` takes ~0.6 s to import, and file layouts never need it.
+    import datasets
 
 logger = logging.get_logger(__name__)
 
@@ -631,6 +634,7 @@ def split_dataset(
     dataset: datasets.Dataset, fractions: Mapping[str, float], seed: int, split_by: str = "image"
 ) -> datasets.DatasetDict:
     """`split_records` for a dataset with ``path`` and ``sequence`` columns; formats carry over."""
+    import datasets
     keys = dataset_column(dataset, "path")
     groups = dataset_column(dataset, "sequence") if split_by == "sequence" else keys
     indices = _split_indices(keys, groups, fractions, seed, split_by)
@@ -892,6 +896,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _load_pickle_splits(args: DataSourceArguments, label_set: LabelSet, seed: int) -> dict[str, datasets.Dataset]:
+    import datasets
     source = args.pickle_path
     rows = load_legacy_pickle(source)
     if not rows:
@@ -988,6 +993,7 @@ def records_to_dataset(
     records: Sequence[SampleRecord], label_set: LabelSet | int | None, sizes: Sequence[tuple[int, int]] | None = None
 ) -> datasets.Dataset:
     """A lazily decoded dataset of records: the table holds paths, `SampleDecoder` reads files on access."""
+    import datasets
     columns: dict[str, list[Any]] = {
         "image": [r.image_path for r in records],
         "label": [r.label_path for r in records],
@@ -1036,10 +1042,7 @@ def _load_file_splits(args: DataSourceArguments, label_set: LabelSet, seed: int)
     return {name: records_to_dataset(part.records, label_set, part.sizes) for name, part in validated.items()}
 
 
-_HUB_ERRORS = (
-    ConnectionError, TimeoutError, OfflineModeIsEnabled, LocalEntryNotFoundError, HfHubHTTPError,
-    datasets.exceptions.DatasetNotFoundError,
-)
+_HUB_ERRORS = (ConnectionError, TimeoutError, OfflineModeIsEnabled, LocalEntryNotFoundError, HfHubHTTPError)
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -1047,6 +1050,7 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def _load_hf_source(args: DataSourceArguments) -> dict[str, datasets.Dataset]:
+    import datasets
     name = args.dataset_name
     local = Path(name).expanduser()
     if local.is_dir():
@@ -1062,7 +1066,7 @@ def _load_hf_source(args: DataSourceArguments) -> dict[str, datasets.Dataset]:
     else:
         try:
             loaded = datasets.load_dataset(name, args.dataset_config_name)
-        except _HUB_ERRORS as err:
+        except (*_HUB_ERRORS, datasets.exceptions.DatasetNotFoundError) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise HubDatasetUnavailableError(
                 f"cannot load dataset {name!r} from the Hugging Face Hub ({reason}); offline or no access? "
@@ -1093,6 +1097,7 @@ def _prepare_hf_split(
     dataset: datasets.Dataset, split: str, args: DataSourceArguments
 ) -> datasets.Dataset | None:
     """The split with contract columns image, label, path, sequence; None for an unlabelled eval split."""
+    import datasets
     source = f"{args.dataset_name} [{split}]"
     columns = dataset.column_names
     if args.image_column not in columns:
@@ -1144,6 +1149,7 @@ def _hf_tasks(dataset: datasets.Dataset, chunk_size: int) -> Iterator[list[tuple
 
 
 def _load_hf_splits(args: DataSourceArguments, label_set: LabelSet, seed: int) -> dict[str, datasets.Dataset]:
+    import datasets
     prepared = {}
     for split, dataset in _load_hf_source(args).items():
         ready = _prepare_hf_split(dataset, split, args)
@@ -1185,6 +1191,7 @@ def load_segmentation_dataset(
     Existing val/test splits are used as they are; missing ones are carved from train (``args`` fractions,
     ``split_by``, ``seed``). Rows decode lazily; see the module docstring for adding transforms.
     """
+    import datasets
     label_set = label_set or get_label_set(args.label_set)
     kind = args.source_kind()
     if kind == "pickle":

@@ -40,9 +40,9 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -70,6 +70,10 @@ from .data import (
 )
 from .labels import IGNORE_INDEX, LabelSet
 
+if TYPE_CHECKING:
+    # Imported where used: `datasets` takes ~0.6 s to import, and file layouts never need it.
+    import datasets
+
 logger = logging.get_logger(__name__)
 
 STRATEGIES = ("weighted", "random", "rare_class_sampling")
@@ -88,6 +92,9 @@ REPORT_FILE = "report.md"
 CACHE_FILE = "class_stats.npz"
 CACHE_VERSION = 1
 SUBSET_MARKER = ".roadseg_subset"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# OpenCV histograms count in float32, exact only below 2**24 per bin.
+FLOAT32_EXACT_LIMIT = 1 << 24
 # Label maps per worker task: large enough to amortise inter-process traffic, small enough for a smooth progress bar.
 HISTOGRAM_CHUNK = 16
 # Below this many label maps to decode, starting worker processes costs more than it saves.
@@ -279,16 +286,36 @@ def _subsample(records: list[SampleRecord], max_samples: int | None, seed: int) 
 # Per-image class statistics
 
 
-def label_histogram(label_path: str | os.PathLike[str], level: int | None = 3) -> np.ndarray:
-    """Pixel count of every value 0-255 of one label map: PIL's C histogram for L/P images, a bincount otherwise.
+def _is_gray8_png(data: bytes) -> bool:
+    # IHDR is always the first chunk: bit depth at byte 24, colour type at byte 25 (0 = greyscale).
+    return data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24:26] == b"\x08\x00"
 
-    A polygon JSON is rasterised at IDD ``level`` first.
+
+def uint8_histogram(label: np.ndarray) -> np.ndarray:
+    """Pixel count of every value 0-255 of a uint8 map (OpenCV's histogram: ~1 ms for 1080x1920, bincount ~5 ms)."""
+    if label.size >= FLOAT32_EXACT_LIMIT:
+        return np.bincount(label.ravel(), minlength=256).astype(np.int64)
+    return cv2.calcHist([np.ascontiguousarray(label)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+
+
+def label_histogram(label_path: str | os.PathLike[str], level: int | None = 3) -> np.ndarray:
+    """Pixel count of every value 0-255 of one label map, decoded by the fastest reader that keeps its values.
+
+    8-bit greyscale PNGs (IDD's label maps) are decoded by OpenCV (~8 ms for 1080x1920 against PIL's ~10); palette
+    and other images go through PIL, whose histogram counts the stored values (palette indices for P images). A
+    polygon JSON is rasterised at IDD ``level`` first.
     """
     path = os.fspath(label_path)
     if path.endswith(".json"):
         return np.bincount(read_label_map(path, level).ravel(), minlength=256).astype(np.int64)
-    with Image.open(path) as image:
-        # For L and P images the histogram counts stored values (palette indices for P), which are the label ids.
+    data = Path(path).read_bytes()
+    if _is_gray8_png(data):
+        label = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if label is None:
+            raise ValueError("not a decodable PNG")
+        if label.ndim == 2 and label.dtype == np.uint8:
+            return uint8_histogram(label)
+    with Image.open(io.BytesIO(data)) as image:
         if image.mode in ("L", "P"):
             return np.asarray(image.histogram(), dtype=np.int64)
         return np.bincount(to_label_map(image, level, path).ravel(), minlength=256).astype(np.int64)
@@ -1197,6 +1224,7 @@ def _subset_dataset(
 ) -> datasets.DatasetDict:
     """The chosen images as ``DatasetDict({"train": ...})`` (image and label PNG bytes, path, sequence) in
     ``cache_dir``, which must outlive the result."""
+    import datasets
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image(),
                                   "path": datasets.Value("string"), "sequence": datasets.Value("string")})
     if pool.records is not None:
@@ -1243,6 +1271,7 @@ def materialize_dataset(
 
 def push_subset_to_hub(saved_at: str | os.PathLike[str], repo_id: str, private: bool = False) -> str:
     """Publish a `materialize_dataset` folder as a Hub dataset; offline or refused access is one `SelectionError`."""
+    import datasets
     saved_at = os.fspath(saved_at)
     unreachable = SelectionError(
         f"cannot reach the Hugging Face Hub to push {repo_id} (offline?); the subset is saved in {saved_at}: "

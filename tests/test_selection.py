@@ -172,6 +172,23 @@ def test_label_histogram_counts_every_label_format(tmp_path: Path):
         assert np.array_equal(label_histogram(tmp_path / name, 3), expected), name
 
 
+def test_truncated_greyscale_png_is_an_unreadable_mask(tmp_path: Path):
+    rng = np.random.default_rng(2)
+    _save(tmp_path / "whole.png", rng.integers(0, 26, (64, 80)).astype(np.uint8))
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    [outcome] = selection._file_histograms([("image.png", str(tmp_path / "cut.png"))], 3)
+    assert outcome.histogram is None and outcome.error is selection.UnreadableMaskError
+    assert str(tmp_path / "cut.png") in outcome.problem
+
+
+def test_uint8_histogram_stays_exact_beyond_float32_integers():
+    label = np.zeros((1, (1 << 24) + 2), dtype=np.uint8)
+    label[0, -1] = 7
+    counts = selection.uint8_histogram(label)
+    assert counts[0] == (1 << 24) + 1 and counts[7] == 1 and counts.sum() == label.size
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The acceptance runs on the synthetic set
 
@@ -508,3 +525,48 @@ def test_selection_arguments_validate_themselves():
         SelectionArguments(output_dir="o", rare_threshold=1.5)
     pool = CandidatePool(["a"], ["s"], "src")
     assert len(pool.subset([0])) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The selection charts
+
+
+def _color_mask(picture: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    return (picture == np.asarray(color, dtype=np.uint8)).all(axis=-1)
+
+
+def test_class_frequency_chart_draws_each_share_to_scale(tmp_path: Path):
+    from roadseg_utils import visualize
+
+    pool = np.array([0.25, 0.5, 0.0])
+    subset = np.array([1.0, 0.75, 0.1])
+    path = visualize.plot_class_frequency(["road", "car", "pole"], pool, subset, [2], tmp_path / "c.png")
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    gray_rows = [row for row in _color_mask(picture, visualize.POOL_COLOR) if row.any()]
+    blue_rows = [row for row in _color_mask(picture, visualize.SELECTED_COLOR) if row.any()]
+    full_length = max(row.sum() for row in blue_rows)  # the 100 % bar of class 0
+    gray_lengths = sorted({int(row.sum()) for row in gray_rows})
+    blue_lengths = sorted({int(row.sum()) for row in blue_rows})
+    # Two legend swatches (13 px) besides the bars.
+    assert [round(length / full_length, 2) for length in gray_lengths if length > 13] == [0.25, 0.5]
+    assert [round(length / full_length, 2) for length in blue_lengths if length > 13] == [0.1, 0.75, 1.0]
+    # The rare class's name is red; without rare classes nothing is.
+    assert _color_mask(picture, visualize.RARE_COLOR).any()
+    plain = visualize.plot_class_frequency(["road", "car", "pole"], pool, subset, [], tmp_path / "plain.png")
+    assert not _color_mask(np.asarray(Image.open(plain).convert("RGB")), visualize.RARE_COLOR).any()
+
+
+def test_score_chart_puts_selected_images_right_of_the_cutoff(tmp_path: Path):
+    from roadseg_utils import visualize
+
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([rng.uniform(0.0, 0.4, 80), rng.uniform(0.6, 1.0, 20)])
+    selected = scores > 0.5
+    path = visualize.plot_score_distribution(scores, selected, tmp_path / "s.png", cutoff=0.5)
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    legend_left = picture.shape[1] - 250
+    gray_columns = np.flatnonzero(_color_mask(picture[:, :legend_left], visualize.POOL_COLOR).any(axis=0))
+    blue_columns = np.flatnonzero(_color_mask(picture[:, :legend_left], visualize.SELECTED_COLOR).any(axis=0))
+    red_columns = np.flatnonzero(_color_mask(picture[:, :legend_left], visualize.RARE_COLOR).any(axis=0))
+    assert gray_columns.size and blue_columns.size and red_columns.size
+    assert gray_columns.max() < red_columns.min() <= red_columns.max() < blue_columns.min()
