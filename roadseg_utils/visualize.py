@@ -1,7 +1,8 @@
 """Pictures of the pipeline: selection plots, and (evaluation) overlays, confusion matrix and per-class IoU charts.
 
-Plots draw on `matplotlib.figure.Figure` directly (no pyplot), so they never touch a global backend or need a
-display, and every PNG is written through a temporary file and a rename.
+The selection charts are drawn with PIL; the evaluation charts draw on `matplotlib.figure.Figure` directly (no
+pyplot), so they never touch a global backend or need a display. Every PNG is written through a temporary file and
+a rename.
 """
 
 from __future__ import annotations
@@ -17,21 +18,51 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import write_atomically
 from .labels import IGNORE_INDEX, LabelSet
 
+# Selection charts are bars and text drawn with PIL: importing matplotlib alone takes ~0.55 s and drawing these two
+# with it ~0.4 s more, which would double a cached selection rerun (run_selection.py, ~1.4 s without them).
+CHART_WIDTH = 800
+CHART_MARGIN = 12
+CHART_TITLE_HEIGHT = 28
+CHART_AXIS_HEIGHT = 44
+CHART_ROW_HEIGHT = 24
+POOL_COLOR = (154, 165, 177)
+SELECTED_COLOR = (47, 109, 181)
+RARE_COLOR = (192, 57, 43)
+GRID_COLOR = (225, 225, 225)
+INK = (0, 0, 0)
 
-def _save_selection_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a matplotlib figure as a PNG atomically."""
-    return write_atomically(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
+
+def nice_ticks(low: float, high: float, target: int = 5) -> np.ndarray:
+    """Round ticks (steps of 1, 2, 2.5 or 5 times a power of ten), the first <= low and the last >= high."""
+    span = high - low if high > low else max(abs(high), 1.0)
+    raw_step = span / max(target, 1)
+    power = 10.0 ** np.floor(np.log10(raw_step))
+    step = power * min(m for m in (1, 2, 2.5, 5, 10) if m * power >= raw_step)
+    first, last = np.floor(low / step + 1e-9), np.ceil(high / step - 1e-9)
+    # Adding 0.0 turns -0.0 into 0.0, so no tick reads "-0".
+    return np.round(np.arange(first, last + 1) * step, 10) + 0.0
 
 
-def _selection_bars(positions: np.ndarray, lengths: np.ndarray, thickness: float, color: str, label: str) -> Any:
-    """Horizontal bars of one series as a single PolyCollection: one artist draws far faster than one per bar."""
-    from matplotlib.collections import PolyCollection
+def _tick_label(value: float) -> str:
+    return f"{value:g}"
 
-    positions, lengths = np.asarray(positions, dtype=float), np.asarray(lengths, dtype=float)
-    low, high, zero = positions - thickness / 2, positions + thickness / 2, np.zeros_like(lengths)
-    corners = np.stack([np.stack([zero, lengths, lengths, zero], axis=-1),
-                        np.stack([low, low, high, high], axis=-1)], axis=-1)
-    return PolyCollection(corners, facecolors=color, edgecolors="none", label=label)
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
+    return round(draw.textlength(text, font=font))
+
+
+def _legend(draw: ImageDraw.ImageDraw, right: int, top: int, entries: Sequence[tuple[str, tuple[int, ...]]],
+            font: Any) -> None:
+    """Colour swatches and names, right-aligned at ``right``, one row each from ``top``."""
+    width = max(_text_width(draw, name, font) for name, _ in entries) + 24
+    for row, (name, color) in enumerate(entries):
+        y = top + row * 18
+        draw.rectangle((right - width, y + 2, right - width + 12, y + 14), fill=color)
+        draw.text((right - width + 18, y), name, fill=INK, font=font)
+
+
+def _save_chart(canvas: Image.Image, path: str | os.PathLike[str]) -> Path:
+    return write_atomically(path, lambda stream: canvas.save(stream, format="PNG"))
 
 
 def plot_class_frequency(
@@ -42,58 +73,95 @@ def plot_class_frequency(
     path: str | os.PathLike[str],
 ) -> Path:
     """Horizontal bars: share of images containing each class in the pool and in the subset; rare classes in red."""
-    from matplotlib.figure import Figure
+    font = _eval_font(13)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [f"{index} {name}" for index, name in enumerate(class_names)]
+    left = CHART_MARGIN + max((_text_width(probe, label, font) for label in labels), default=0) + 8
+    right = CHART_WIDTH - CHART_MARGIN - 8
+    top = CHART_TITLE_HEIGHT + 40
+    bottom = top + CHART_ROW_HEIGHT * len(labels)
+    canvas = Image.new("RGB", (CHART_WIDTH, bottom + CHART_AXIS_HEIGHT), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((CHART_MARGIN, 6), "Class image frequency before and after selection (rare classes in red)",
+              fill=INK, font=_eval_font(15))
+    _legend(draw, right, CHART_TITLE_HEIGHT, [("training pool", POOL_COLOR), ("selected", SELECTED_COLOR)], font)
 
-    count = len(class_names)
-    positions = np.arange(count)
-    height = 1.2 + 0.28 * count
-    figure = Figure(figsize=(8, height))
-    # Fixed margins: a layout engine would draw every figure twice.
-    figure.subplots_adjust(left=0.3, right=0.97, top=1 - 0.45 / height, bottom=0.55 / height)
-    axes = figure.add_subplot()
-    axes.add_collection(_selection_bars(positions - 0.2, np.asarray(pool_share) * 100, 0.4, "#9aa5b1",
-                                        "training pool"))
-    axes.add_collection(_selection_bars(positions + 0.2, np.asarray(subset_share) * 100, 0.4, "#2f6db5", "selected"))
-    axes.set_xlim(0, 100)
-    axes.set_ylim(count - 0.5, -0.5)
-    # Plain texts instead of y ticks: 26 tick objects cost more than the rest of the figure.
-    axes.set_yticks([])
+    def x_of(percent: float) -> int:
+        return left + round((right - left) * percent / 100)
+
+    for tick in nice_ticks(0, 100):
+        draw.line((x_of(tick), top, x_of(tick), bottom), fill=GRID_COLOR)
+        label = _tick_label(tick)
+        draw.text((x_of(tick) - _text_width(draw, label, font) / 2, bottom + 4), label, fill=INK, font=font)
     rare = set(rare_ids)
-    for index, name in enumerate(class_names):
-        axes.text(-0.01, index, f"{index} {name}", transform=axes.get_yaxis_transform(), ha="right", va="center",
-                  color="#c0392b" if index in rare else "black")
-    axes.set_xlabel("images containing the class (%)")
-    axes.set_title("Class image frequency before and after selection (rare classes in red)")
-    axes.legend(loc="lower right")
-    axes.grid(axis="x", alpha=0.3)
-    return _save_selection_figure(figure, path)
+    bar = (CHART_ROW_HEIGHT - 6) // 2
+    for index, (label, pool, chosen) in enumerate(zip(labels, pool_share, subset_share, strict=True)):
+        y = top + index * CHART_ROW_HEIGHT + 3
+        for offset, share, color in ((0, pool, POOL_COLOR), (bar, chosen, SELECTED_COLOR)):
+            if share > 0:
+                draw.rectangle((left, y + offset, x_of(100 * float(share)) - 1, y + offset + bar - 1), fill=color)
+        draw.text((left - 8 - _text_width(draw, label, font), y + 1), label,
+                  fill=RARE_COLOR if index in rare else INK, font=font)
+    draw.line((left, top, left, bottom), fill=INK)
+    draw.line((left, bottom, right, bottom), fill=INK)
+    axis_label = "images containing the class (%)"
+    draw.text(((left + right - _text_width(draw, axis_label, font)) / 2, bottom + 22), axis_label, fill=INK, font=font)
+    return _save_chart(canvas, path)
 
 
 def plot_score_distribution(
     scores: np.ndarray, selected: np.ndarray, path: str | os.PathLike[str], cutoff: float | None = None
 ) -> Path:
     """Histogram of the weighted score, selected images stacked on the rest, with the top-K cut-off if given."""
-    from matplotlib.figure import Figure
-
     scores = np.asarray(scores, dtype=np.float64)
     selected = np.asarray(selected, dtype=bool)
     low, high = float(scores.min()), float(scores.max())
     edges = np.linspace(low, high if high > low else low + 1e-9, 41)
     rest, _ = np.histogram(scores[~selected], edges)
     chosen, _ = np.histogram(scores[selected], edges)
-    figure = Figure(figsize=(8, 4))
-    figure.subplots_adjust(left=0.09, right=0.97, top=0.92, bottom=0.13)
-    axes = figure.add_subplot()
-    axes.stairs(rest, edges, fill=True, color="#9aa5b1", label=f"not selected ({int((~selected).sum())})")
-    axes.stairs(rest + chosen, edges, baseline=rest, fill=True, color="#2f6db5",
-                label=f"selected ({int(selected.sum())})")
+    font = _eval_font(13)
+    height = 400
+    left, right, top, bottom = 64, CHART_WIDTH - CHART_MARGIN - 8, CHART_TITLE_HEIGHT + 24, height - CHART_AXIS_HEIGHT
+    canvas = Image.new("RGB", (CHART_WIDTH, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((CHART_MARGIN, 6), "Score distribution of the training pool", fill=INK, font=_eval_font(15))
+    y_ticks = nice_ticks(0, max(int((rest + chosen).max()), 1))
+    y_max = float(y_ticks[-1])
+
+    def x_of(value: float) -> float:
+        return left + (right - left) * (value - edges[0]) / (edges[-1] - edges[0])
+
+    def y_of(count: float) -> float:
+        return bottom - (bottom - top) * count / y_max
+
+    for tick in y_ticks:
+        draw.line((left, y_of(tick), right, y_of(tick)), fill=GRID_COLOR)
+        label = _tick_label(tick)
+        draw.text((left - 6 - _text_width(draw, label, font), y_of(tick) - 8), label, fill=INK, font=font)
+    for tick in nice_ticks(edges[0], edges[-1]):
+        if edges[0] - 1e-12 <= tick <= edges[-1] + 1e-12:
+            draw.line((x_of(tick), bottom, x_of(tick), bottom + 4), fill=INK)
+            label = _tick_label(tick)
+            draw.text((x_of(tick) - _text_width(draw, label, font) / 2, bottom + 6), label, fill=INK, font=font)
+    for start, stop, below, above in zip(edges[:-1], edges[1:], rest, chosen, strict=True):
+        x0, x1 = x_of(start), x_of(stop) - 1
+        if below:
+            draw.rectangle((x0, y_of(below), x1, bottom), fill=POOL_COLOR)
+        if above:
+            draw.rectangle((x0, y_of(below + above), x1, y_of(below)), fill=SELECTED_COLOR)
+    entries = [(f"not selected ({int((~selected).sum())})", POOL_COLOR), (f"selected ({int(selected.sum())})",
+                                                                          SELECTED_COLOR)]
     if cutoff is not None:
-        axes.axvline(cutoff, color="#c0392b", linestyle="--", label=f"top-K cut-off {cutoff:.3f}")
-    axes.set_xlabel("weighted score")
-    axes.set_ylabel("images")
-    axes.set_title("Score distribution of the training pool")
-    axes.legend()
-    return _save_selection_figure(figure, path)
+        x = x_of(cutoff)
+        for y in range(top, bottom, 8):
+            draw.line((x, y, x, min(y + 4, bottom)), fill=RARE_COLOR, width=2)
+        entries.append((f"top-K cut-off {cutoff:.3f}", RARE_COLOR))
+    draw.line((left, top, left, bottom), fill=INK)
+    draw.line((left, bottom, right, bottom), fill=INK)
+    _legend(draw, right, top + 4, entries, font)
+    draw.text(((left + right) / 2 - 45, bottom + 24), "weighted score", fill=INK, font=font)
+    draw.text((CHART_MARGIN, top - 20), "images", fill=INK, font=font)
+    return _save_chart(canvas, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
