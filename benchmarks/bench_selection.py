@@ -2,7 +2,8 @@
 
 Run from the repository root: ``python -m benchmarks.bench_selection [--num_maps 500 --work_dir DIR]``.
 
-(a) decoding every 1080x1920 label PNG with PIL in one process (the floor any selection has to pay);
+(a) decoding every 1080x1920 label PNG with PIL in one process (the issue's reference; the selection itself decodes
+    8-bit greyscale PNGs with OpenCV, so the same decode with OpenCV is printed beside it as (a'));
 (b) the selection end to end (find files, histograms, scores, manifest, report, plots) in one process, no cache;
 (c) the same with every core;
 (d) a cached rerun with other weights; then the same on trees of 500 to 8,000 images, with the linear fit.
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -134,6 +136,15 @@ def decode_all(paths: list[Path]) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_seconds() - cpu_start
 
 
+def decode_all_opencv(paths: list[Path]) -> tuple[float, float]:
+    """Wall and CPU seconds to decode every label PNG with OpenCV in this process."""
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    for path in paths:
+        if cv2.imread(str(path), cv2.IMREAD_UNCHANGED) is None:
+            raise RuntimeError(f"OpenCV cannot decode {path}")
+    return time.perf_counter() - start, cpu_seconds() - cpu_start
+
+
 def main() -> None:
     """Generate or reuse the maps, time (a)-(d) and print the figures, ratios and fit."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -157,6 +168,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     decode = min(decode_all(labels) for _ in range(args.repeats))
+    decode_opencv = min(decode_all_opencv(labels) for _ in range(args.repeats))
     serial = min(run_once(data, runs / "serial", 1, budget, (0.4, 0.4, 0.2), fresh=True) for _ in range(args.repeats))
     parallel = min(run_once(data, runs / "parallel", args.workers, budget, (0.4, 0.4, 0.2), fresh=True)
                    for _ in range(args.repeats))
@@ -191,12 +203,14 @@ def main() -> None:
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     print(f"{'step':58s} {'wall (s)':>9s} {'ms/map':>7s} {'CPU (s)':>8s}")
     rows = [("(a) decode every label PNG with PIL, one process", decode),
+            ("(a') decode every label PNG with OpenCV, one process", decode_opencv),
             ("(b) selection end to end, one process, no cache", serial),
             (f"(c) selection end to end, {args.workers} processes, no cache", parallel),
             ("(d) cached rerun with other weights, one process", rerun)]
     for name, (seconds, cpu) in rows:
         print(f"{name:58s} {seconds:9.2f} {1000 * seconds / n:7.2f} {cpu:8.2f}")
     print(f"b/a = {serial[0] / decode[0]:.2f} (target <= 1.3; CPU {serial[1] / decode[1]:.2f}); "
+          f"b/a' = {serial[0] / decode_opencv[0]:.2f} (CPU {serial[1] / decode_opencv[1]:.2f}); "
           f"b/c = {serial[0] / parallel[0]:.2f} (target >= 1.6 on 2 cores; CPU c/b {parallel[1] / serial[1]:.2f})")
     print("(d) on trees of " + ", ".join(f"{s}: {t:.2f} s" for s, t in zip(FIT_SIZES, fit_times, strict=True)))
     print(f"linear fit: t = {intercept:.3f} s + {1000 * slope:.4f} ms x N -> {EXTRAPOLATE_TO} images: "
