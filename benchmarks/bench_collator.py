@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from roadseg_utils.collator import SegmentationCollator, binary_masks, present_classes
+from roadseg_utils.collator import SegmentationCollator, binary_masks, host_buffer_pool, present_classes
 from roadseg_utils.labels import IGNORE_INDEX
 
 GRID = (16, 32)
+CONTENDERS = ("collator", "collator_without_reuse", "processor")
+EXAMPLE_KEYS = ("batch_size", "height", "width", "num_classes", "classes_per_image", "seed")
 IGNORED_CELL_SHARE = 0.05
 
 
@@ -91,9 +93,12 @@ def _processor_call(images: list[np.ndarray], labels: list[np.ndarray]) -> Calla
 
 
 def time_contender(contender: str, config: dict[str, int]) -> float:
-    """Best time of ``contender`` ('collator' or 'processor') on the benchmark batch, in this process."""
+    """Best time of ``contender`` (see ``CONTENDERS``) on the benchmark batch, in this process."""
     examples = make_examples(**{key: config[key] for key in EXAMPLE_KEYS})
-    if contender == "collator":
+    if contender in ("collator", "collator_without_reuse"):
+        if contender == "collator_without_reuse":
+            # A pool that keeps no released block: every batch gets fresh memory from the OS, as before the pool.
+            host_buffer_pool().max_idle_blocks = 0
         collator = SegmentationCollator(num_labels=config["num_classes"])
         return best_time(lambda: collator(examples), config["repeats"])[0]
     images = [example["pixel_values"] for example in examples]
@@ -110,9 +115,6 @@ def time_in_fresh_process(contender: str, config: dict[str, int]) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"timing {contender} in a fresh process failed:\n{done.stderr}")
     return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
-
-
-EXAMPLE_KEYS = ("batch_size", "height", "width", "num_classes", "classes_per_image", "seed")
 
 
 def bench_collator(
@@ -139,6 +141,7 @@ def bench_collator(
         "seed": seed,
     }
     collator_s = time_in_fresh_process("collator", config)
+    no_reuse_s = time_in_fresh_process("collator_without_reuse", config)
     processor_s = time_in_fresh_process("processor", config)
 
     examples = make_examples(batch_size, height, width, num_classes, classes_per_image, seed)
@@ -173,6 +176,7 @@ def bench_collator(
         "collator_s": collator_s,
         "processor_s": processor_s,
         "collator_speedup": processor_s / collator_s,
+        "collator_without_reuse_s": no_reuse_s,
         "torch_unique_s": unique_s,
         "histogram_s": histogram_s,
         "bool_masks_s": bool_masks_s,
@@ -193,7 +197,7 @@ def main() -> None:
     parser.add_argument("--classes_per_image", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--time_only", choices=["collator", "processor"], help=argparse.SUPPRESS)
+    parser.add_argument("--time_only", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = vars(args)
     contender = config.pop("time_only")
@@ -206,10 +210,11 @@ def main() -> None:
         f"{result['mean_masks_per_image']:.1f} masks per image, torch threads {result['torch_threads']}, "
         f"best of {args.repeats}"
     )
-    print(f"{'step':<50}{'time (ms)':>12}")
+    print(f"{'step':<52}{'time (ms)':>12}")
     rows = [
         ("SegmentationCollator (bool masks), own process", result["collator_s"]),
         ("Mask2FormerImageProcessorPil, own process", result["processor_s"]),
+        ("SegmentationCollator, no memory reuse, own process", result["collator_without_reuse_s"]),
         ("present classes: torch.unique", result["torch_unique_s"]),
         ("present classes: 256-bin histogram", result["histogram_s"]),
         ("masks built as bool (histogram + comparison)", result["bool_masks_s"]),
@@ -217,8 +222,9 @@ def main() -> None:
         ("masks built upstream (np.unique, float32)", result["upstream_masks_s"]),
     ]
     for name, seconds in rows:
-        print(f"{name:<50}{seconds * 1000:>12.1f}")
+        print(f"{name:<52}{seconds * 1000:>12.1f}")
     print(f"collator speed-up over the image processor: {result['collator_speedup']:.1f}x (target >= 5x)")
+    print(f"memory reuse speed-up: {result['collator_without_reuse_s'] / result['collator_s']:.1f}x")
     print(f"mask building speed-up over upstream: {result['mask_build_speedup']:.1f}x")
     print(f"torch.unique / histogram: {result['torch_unique_s'] / result['histogram_s']:.1f}x")
     print(f"float32 / bool mask build: {result['float32_over_bool']:.1f}x")
