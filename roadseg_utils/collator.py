@@ -7,10 +7,10 @@ dtype on the device. float32 masks would take 4x the memory and, built here, ~18
 (``python -m benchmarks.bench_collator``).
 
 Memory. A batch of 8 crops of 512x1024 is ~170 MB (pixel values, pixel mask, bool masks). Fresh memory of that
-size comes from the OS page by page, and those page faults cost more than the writes themselves (measured here:
-the masks of one such batch take 17-28 ms to build in fresh memory, 7 ms in memory used before). So every batch is
+size comes from the OS page by page, and those page faults cost more than the writes themselves. So every batch is
 carved from one block of a per-process :class:`HostBufferPool`, and the block is reused once nothing refers to any
-of its arrays any more (the trainer moved the batch to the device, pinned it, or dropped it).
+of its arrays any more (the trainer moved the batch to the device, pinned it, or dropped it): ~19 ms per such batch
+instead of ~32 ms with fresh memory (``python -m benchmarks.bench_collator``).
 
 Padding. ``pixel_mask`` is 1 on real pixels and 0 on padding: padding added by the transform when an image is
 smaller than the crop (known exactly from the transform's ``valid`` map), and, in evaluation batches of images of
