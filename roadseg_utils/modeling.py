@@ -215,10 +215,12 @@ def semantic_maps_from_outputs(
     """Per-image label maps at ``target_sizes``, upsampling mask logits directly (no fixed 384x384 step).
 
     ``input_size`` is the padded (H, W) fed to the model and ``valid_sizes`` the unpadded part of each image
-    in it; see :func:`semantic_scores_for_image`.
+    in it; see :func:`semantic_scores_for_image`. The maps are uint8 when every class id fits (at most 256
+    classes), int64 otherwise: a uint8 map is 8x smaller and is what the metric counts fastest.
     """
     if valid_sizes is not None and input_size is None:
         raise ValueError("valid_sizes needs the padded input_size")
+    map_dtype = torch.uint8 if class_queries_logits.shape[-1] - 1 <= 256 else torch.long
     return [
         semantic_scores_for_image(
             class_queries_logits[index],
@@ -227,6 +229,8 @@ def semantic_maps_from_outputs(
             None if valid_sizes is None else valid_sizes[index],
             input_size,
             query_chunk,
-        ).argmax(dim=0)
+        )
+        .argmax(dim=0)
+        .to(map_dtype)
         for index, target_size in enumerate(target_sizes)
     ]
