@@ -42,11 +42,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from transformers.utils import logging
 
+from .data import pixel_counts
 from .labels import IGNORE_INDEX
 
 logger = logging.get_logger(__name__)
@@ -59,9 +59,7 @@ BATCH_KEYS = (*MODEL_INPUT_KEYS, "original_images", "original_segmentation_maps"
 
 def present_classes(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Sorted label ids that occur in a uint8 label map, ignore excluded, from a 256-bin histogram."""
-    # OpenCV's uint8 histogram is several times faster than np.bincount (which widens to int64) and torch.unique
-    # (which sorts). Its float32 counts are only tested against zero, so their precision does not matter.
-    counts = cv2.calcHist([np.ascontiguousarray(label, dtype=np.uint8)], [0], None, [NUM_BINS], [0, NUM_BINS]).ravel()
+    counts = pixel_counts(np.asarray(label, dtype=np.uint8))
     counts[ignore_index] = 0
     return np.flatnonzero(counts)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import cv2
 import numpy as np
 import pyarrow as pa
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
@@ -59,6 +60,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IDD_IMAGE_SUFFIX = "_leftImg8bit"
 IDD_POLYGON_SUFFIX = "_gtFine_polygons.json"
 NPY_MAGIC = b"\x93NUMPY"
+# OpenCV histograms count in float32, exact only below 2**24 per bin.
+FLOAT32_EXACT_LIMIT = 1 << 24
 # Below this many samples, starting worker processes costs more than the checks themselves.
 MIN_PARALLEL_SAMPLES = 64
 VALIDATION_CHUNK = 16
@@ -320,6 +323,19 @@ def _label_array_from_pil(image: Image.Image, source: str) -> np.ndarray:
     if image.mode.startswith("I"):
         return _label_array_from_array(np.array(image), source)
     raise DataError(f"{source}: mask has mode {image.mode}; expected a single-channel label-id image (L, P or I)")
+
+
+def pixel_counts(label_map: np.ndarray) -> np.ndarray:
+    """Pixel count (int64) of every value of a label map, 256 entries at least: OpenCV's histogram for uint8 maps.
+
+    ``calcHist`` takes ~1 ms for a 1080x1920 map where ``np.bincount`` takes ~5 ms; other dtypes, empty maps and
+    maps too large for its float32 counts go through ``np.bincount``.
+    """
+    label_map = np.asarray(label_map)
+    if label_map.dtype != np.uint8 or not 0 < label_map.size < FLOAT32_EXACT_LIMIT:
+        return np.bincount(label_map.ravel(), minlength=256).astype(np.int64)
+    flat = np.ascontiguousarray(label_map).reshape(-1)
+    return cv2.calcHist([flat], [0], None, [256], [0, 256]).ravel().astype(np.int64)
 
 
 def read_label_map(label_path: str | os.PathLike[str], level: LabelSet | int | None = 3) -> np.ndarray:
@@ -713,7 +729,7 @@ def _inspect_sample(
     if label_map.shape != (height, width):
         mask_height, mask_width = label_map.shape
         return bad(SizeMismatchError, f"mask is {mask_height}x{mask_width} but image is {height}x{width}")
-    histogram = np.bincount(label_map.ravel(), minlength=256)
+    histogram = pixel_counts(label_map)
     invalid = np.flatnonzero(histogram[num_labels:IGNORE_INDEX]) + num_labels
     if invalid.size:
         shown = ", ".join(str(v) for v in invalid[:10]) + (", ..." if invalid.size > 10 else "")

@@ -27,7 +27,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from .atomic import write_atomically, write_text_atomically
-from .data import IDD_IMAGE_SUFFIX, IDD_POLYGON_SUFFIX, idd_label_suffix, rasterize_polygons
+from .data import IDD_IMAGE_SUFFIX, IDD_POLYGON_SUFFIX, idd_label_suffix, pixel_counts, rasterize_polygons
 from .labels import IGNORE_INDEX, LEVEL3_NAMES, idd_label_set, raw_name_to_id
 
 logger = logging.get_logger(__name__)
@@ -933,7 +933,7 @@ def _render_frame(job: _FrameJob) -> SyntheticFrame:
     write_text_atomically(polygons_path, text)
     write_atomically(label_path, lambda stream: Image.fromarray(labels).save(stream, format="PNG"))
     write_atomically(image_path, lambda stream: Image.fromarray(image).save(stream, format="PNG", compress_level=1))
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256)[:IGNORE_INDEX])
+    present = np.flatnonzero(pixel_counts(labels)[:IGNORE_INDEX])
     return SyntheticFrame(job.sequence, job.frame, image_path, label_path, polygons_path,
                           tuple(int(c) for c in present))
 

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import write_atomically
+from .data import pixel_counts
 from .labels import IGNORE_INDEX, LabelSet
 
 # Selection charts are bars and text drawn with PIL: importing matplotlib alone takes ~0.55 s and drawing these two
@@ -189,7 +190,7 @@ def colorize_labels(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 
 def _legend_entries(label_set: LabelSet, *maps: np.ndarray) -> list[tuple[str, tuple[int, int, int]]]:
-    counts = sum(np.bincount(np.asarray(m, dtype=np.uint8).ravel(), minlength=256) for m in maps)
+    counts = sum(pixel_counts(np.asarray(m, dtype=np.uint8)) for m in maps)
     entries = [(label_set.id2label[i], tuple(label_set.colors[i])) for i in range(label_set.num_labels) if counts[i]]
     if counts[IGNORE_INDEX]:
         entries.append(("ignore", IGNORE_COLOR))

@@ -577,3 +577,19 @@ def test_offline_hub_name_gives_one_clear_line(monkeypatch):
     assert "save_to_disk folder or an imagefolder directory" in message
     with pytest.raises(DataError, match="./no/such/folder: not a dataset folder"):
         load_segmentation_dataset(DataSourceArguments(dataset_name="./no/such/folder"))
+
+
+def test_pixel_counts_equal_bincount_and_stay_exact_beyond_float32_integers():
+    from roadseg_utils.data import pixel_counts
+
+    rng = np.random.default_rng(4)
+    label = rng.integers(0, 256, (90, 160), dtype=np.uint8)
+    expected = np.bincount(label.ravel(), minlength=256)
+    assert pixel_counts(label).dtype == np.int64 and np.array_equal(pixel_counts(label), expected)
+    assert np.array_equal(pixel_counts(label[::2, 1::3]), np.bincount(label[::2, 1::3].ravel(), minlength=256))
+    assert np.array_equal(pixel_counts(label.astype(np.int32)), expected)
+    # OpenCV counts in float32, which cannot hold 2**24 + 1.
+    large = np.zeros((1, (1 << 24) + 2), dtype=np.uint8)
+    large[0, -1] = 7
+    counts = pixel_counts(large)
+    assert counts[0] == (1 << 24) + 1 and counts[7] == 1 and counts.sum() == large.size
