@@ -48,14 +48,18 @@ def _tick_label(value: float) -> str:
     return f"{value:g}"
 
 
-def _text_width(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
-    return round(draw.textlength(text, font=font))
+def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _text_width(text: str, font: Any) -> int:
+    return round(font.getlength(text))
 
 
 def _legend(draw: ImageDraw.ImageDraw, right: int, top: int, entries: Sequence[tuple[str, tuple[int, ...]]],
             font: Any) -> None:
     """Colour swatches and names, right-aligned at ``right``, one row each from ``top``."""
-    width = max(_text_width(draw, name, font) for name, _ in entries) + 24
+    width = max(_text_width(name, font) for name, _ in entries) + 24
     for row, (name, color) in enumerate(entries):
         y = top + row * 18
         draw.rectangle((right - width, y + 2, right - width + 12, y + 14), fill=color)
@@ -74,17 +78,16 @@ def plot_class_frequency(
     path: str | os.PathLike[str],
 ) -> Path:
     """Horizontal bars: share of images containing each class in the pool and in the subset; rare classes in red."""
-    font = _eval_font(13)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = _font(13)
     labels = [f"{index} {name}" for index, name in enumerate(class_names)]
-    left = CHART_MARGIN + max((_text_width(probe, label, font) for label in labels), default=0) + 8
+    left = CHART_MARGIN + max((_text_width(label, font) for label in labels), default=0) + 8
     right = CHART_WIDTH - CHART_MARGIN - 8
     top = CHART_TITLE_HEIGHT + 40
     bottom = top + CHART_ROW_HEIGHT * len(labels)
     canvas = Image.new("RGB", (CHART_WIDTH, bottom + CHART_AXIS_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((CHART_MARGIN, 6), "Class image frequency before and after selection (rare classes in red)",
-              fill=INK, font=_eval_font(15))
+              fill=INK, font=_font(15))
     _legend(draw, right, CHART_TITLE_HEIGHT, [("training pool", POOL_COLOR), ("selected", SELECTED_COLOR)], font)
 
     def x_of(percent: float) -> int:
@@ -93,7 +96,7 @@ def plot_class_frequency(
     for tick in nice_ticks(0, 100):
         draw.line((x_of(tick), top, x_of(tick), bottom), fill=GRID_COLOR)
         label = _tick_label(tick)
-        draw.text((x_of(tick) - _text_width(draw, label, font) / 2, bottom + 4), label, fill=INK, font=font)
+        draw.text((x_of(tick) - _text_width(label, font) / 2, bottom + 4), label, fill=INK, font=font)
     rare = set(rare_ids)
     bar = (CHART_ROW_HEIGHT - 6) // 2
     for index, (label, pool, chosen) in enumerate(zip(labels, pool_share, subset_share, strict=True)):
@@ -101,12 +104,12 @@ def plot_class_frequency(
         for offset, share, color in ((0, pool, POOL_COLOR), (bar, chosen, SELECTED_COLOR)):
             if share > 0:
                 draw.rectangle((left, y + offset, x_of(100 * float(share)) - 1, y + offset + bar - 1), fill=color)
-        draw.text((left - 8 - _text_width(draw, label, font), y + 1), label,
+        draw.text((left - 8 - _text_width(label, font), y + 1), label,
                   fill=RARE_COLOR if index in rare else INK, font=font)
     draw.line((left, top, left, bottom), fill=INK)
     draw.line((left, bottom, right, bottom), fill=INK)
     axis_label = "images containing the class (%)"
-    draw.text(((left + right - _text_width(draw, axis_label, font)) / 2, bottom + 22), axis_label, fill=INK, font=font)
+    draw.text(((left + right - _text_width(axis_label, font)) / 2, bottom + 22), axis_label, fill=INK, font=font)
     return _save_chart(canvas, path)
 
 
@@ -120,12 +123,12 @@ def plot_score_distribution(
     edges = np.linspace(low, high if high > low else low + 1e-9, 41)
     rest, _ = np.histogram(scores[~selected], edges)
     chosen, _ = np.histogram(scores[selected], edges)
-    font = _eval_font(13)
+    font = _font(13)
     height = 400
     left, right, top, bottom = 64, CHART_WIDTH - CHART_MARGIN - 8, CHART_TITLE_HEIGHT + 24, height - CHART_AXIS_HEIGHT
     canvas = Image.new("RGB", (CHART_WIDTH, height), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((CHART_MARGIN, 6), "Score distribution of the training pool", fill=INK, font=_eval_font(15))
+    draw.text((CHART_MARGIN, 6), "Score distribution of the training pool", fill=INK, font=_font(15))
     y_ticks = nice_ticks(0, max(int((rest + chosen).max()), 1))
     y_max = float(y_ticks[-1])
 
@@ -138,12 +141,12 @@ def plot_score_distribution(
     for tick in y_ticks:
         draw.line((left, y_of(tick), right, y_of(tick)), fill=GRID_COLOR)
         label = _tick_label(tick)
-        draw.text((left - 6 - _text_width(draw, label, font), y_of(tick) - 8), label, fill=INK, font=font)
+        draw.text((left - 6 - _text_width(label, font), y_of(tick) - 8), label, fill=INK, font=font)
     for tick in nice_ticks(edges[0], edges[-1]):
         if edges[0] - 1e-12 <= tick <= edges[-1] + 1e-12:
             draw.line((x_of(tick), bottom, x_of(tick), bottom + 4), fill=INK)
             label = _tick_label(tick)
-            draw.text((x_of(tick) - _text_width(draw, label, font) / 2, bottom + 6), label, fill=INK, font=font)
+            draw.text((x_of(tick) - _text_width(label, font) / 2, bottom + 6), label, fill=INK, font=font)
     for start, stop, below, above in zip(edges[:-1], edges[1:], rest, chosen, strict=True):
         x0, x1 = x_of(start), x_of(stop) - 1
         if below:
@@ -160,7 +163,8 @@ def plot_score_distribution(
     draw.line((left, top, left, bottom), fill=INK)
     draw.line((left, bottom, right, bottom), fill=INK)
     _legend(draw, right, top + 4, entries, font)
-    draw.text(((left + right) / 2 - 45, bottom + 24), "weighted score", fill=INK, font=font)
+    axis_label = "weighted score"
+    draw.text(((left + right - _text_width(axis_label, font)) / 2, bottom + 24), axis_label, fill=INK, font=font)
     draw.text((CHART_MARGIN, top - 20), "images", fill=INK, font=font)
     return _save_chart(canvas, path)
 
@@ -175,10 +179,6 @@ LEGEND_ROW = 18
 LEGEND_CELL = 180
 LEGEND_PAD = 6
 IGNORE_COLOR = (0, 0, 0)
-
-
-def _eval_font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
 
 
 def colorize_labels(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -230,7 +230,7 @@ def render_overlay(
     legend_height = rows * LEGEND_ROW + 2 * LEGEND_PAD
     canvas = Image.new("RGB", (total_width, OVERLAY_HEADER + panel_size[1] + legend_height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = _eval_font()
+    font = _font()
     for index, (panel, title) in enumerate(zip(panels, OVERLAY_TITLES, strict=True)):
         left = index * (panel_size[0] + OVERLAY_GAP)
         canvas.paste(panel, (left, OVERLAY_HEADER))
