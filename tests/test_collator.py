@@ -6,14 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (
-    Mask2FormerConfig,
-    Mask2FormerForUniversalSegmentation,
-    Mask2FormerImageProcessorPil,
-    SwinConfig,
-)
+from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil
 
 from roadseg_utils.collator import BATCH_KEYS, MODEL_INPUT_KEYS, SegmentationCollator, present_classes
+from roadseg_utils.labels import idd_label_set
+from roadseg_utils.modeling import build_tiny_config
 from roadseg_utils.transforms import build_train_transforms, make_transform_fn
 
 NUM_LABELS = 26
@@ -67,26 +64,8 @@ def process(processor, examples):
 @pytest.fixture(scope="module")
 def tiny_model(one_torch_thread):
     torch.manual_seed(0)
-    backbone = SwinConfig(
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 2, 2, 4],
-        window_size=7,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = Mask2FormerConfig(
-        backbone_config=backbone,
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_feedforward_dim=64,
-        dim_feedforward=64,
-        encoder_layers=1,
-        decoder_layers=2,
-        num_attention_heads=2,
-        num_queries=20,
-        num_labels=NUM_LABELS,
-    )
+    config = build_tiny_config(idd_label_set(3))
+    assert config.num_labels == NUM_LABELS
     return Mask2FormerForUniversalSegmentation(config).train()
 
 
