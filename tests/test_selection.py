@@ -271,16 +271,18 @@ def test_changed_label_file_is_the_only_one_decoded_again(hand_made: Path, tmp_p
     assert _rows_by_path(tmp_path / "o" / "manifest.json")["leftImg8bit/train/a/f2_leftImg8bit.png"]["rcs"] == 1.0
 
 
+def _cached_run(synthetic: Path, default_run: Path, output: Path, strategy: str, seed: str) -> Path:
+    """Select 60 images into ``output``, starting from the default run's histogram cache (nothing decoded)."""
+    output.mkdir()
+    shutil.copy(default_run / selection.CACHE_FILE, output)
+    run_selection.main(["--data_dir", str(synthetic), "--num_images", "60", "--output_dir", str(output),
+                        "--strategy", strategy, "--seed", seed, "--no_plots"])
+    return output
+
+
 @pytest.mark.parametrize("strategy", ["weighted", "random", "rare_class_sampling"])
 def test_same_seed_gives_byte_identical_manifests(synthetic: Path, default_run: Path, tmp_path: Path, strategy):
-    outputs = []
-    for name in ("one", "two"):
-        output = tmp_path / name
-        output.mkdir()
-        shutil.copy(default_run / selection.CACHE_FILE, output)
-        run_selection.main(["--data_dir", str(synthetic), "--num_images", "60", "--output_dir", str(output),
-                            "--strategy", strategy, "--seed", "3", "--no_plots"])
-        outputs.append(output)
+    outputs = [_cached_run(synthetic, default_run, tmp_path / name, strategy, "3") for name in ("one", "two")]
     for name in ("manifest.json", "manifest.csv", "report.md"):
         assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes()
     header, rows = load_manifest(outputs[0] / "manifest.json")
@@ -288,14 +290,10 @@ def test_same_seed_gives_byte_identical_manifests(synthetic: Path, default_run: 
 
 
 def test_other_seed_changes_the_random_subset(synthetic: Path, default_run: Path, tmp_path: Path):
-    chosen = []
-    for seed in ("0", "1"):
-        output = tmp_path / seed
-        output.mkdir()
-        shutil.copy(default_run / selection.CACHE_FILE, output)
-        run_selection.main(["--data_dir", str(synthetic), "--num_images", "60", "--output_dir", str(output),
-                            "--strategy", "random", "--seed", seed, "--no_plots"])
-        chosen.append(selected_paths(output / "manifest.json"))
+    chosen = [
+        selected_paths(_cached_run(synthetic, default_run, tmp_path / seed, "random", seed) / "manifest.json")
+        for seed in ("0", "1")
+    ]
     assert len(chosen[0]) == len(chosen[1]) == 60 and chosen[0] != chosen[1]
 
 
