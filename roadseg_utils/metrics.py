@@ -566,24 +566,7 @@ def _mean_iou_class() -> type:
             coarser: Mapping[str, Mapping[int, int]] | None = None,
         ) -> dict[str, Any]:
             """Metrics over everything added (plus ``predictions``/``references`` if given); then start over."""
-            return self._compute(
-                predictions=predictions,
-                references=references,
-                num_labels=num_labels,
-                ignore_index=ignore_index,
-                id2label=id2label,
-                coarser=coarser,
-            )
-
-        def _compute(
-            self,
-            predictions: ArrayLike = None,
-            references: ArrayLike = None,
-            num_labels: int | None = None,
-            ignore_index: int | None = None,
-            id2label: Mapping[int, str] | None = None,
-            coarser: Mapping[str, Mapping[int, int]] | None = None,
-        ) -> dict[str, Any]:
+            # Replaces evaluate's compute, which would gather predictions from an Arrow cache this module never writes.
             num_labels = num_labels if num_labels is not None else self.num_labels
             ignore_index = ignore_index if ignore_index is not None else self.ignore_index
             if num_labels is None:
