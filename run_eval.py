@@ -272,23 +272,15 @@ class EvalCollator:
     """The project collator, padded to a multiple of the model's stride, without the training-only mask targets."""
 
     def __init__(self, size_divisor: int) -> None:
-        self.collator = SegmentationCollator(with_targets=False)
-        self.size_divisor = max(1, int(size_divisor))
+        self.collator = SegmentationCollator(with_targets=False, size_divisor=max(1, int(size_divisor)))
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Pixel values and mask padded to the divisor, the valid (h, w) of each image, and the originals."""
         batch = self.collator(examples)
-        pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
-        height, width = pixel_values.shape[-2:]
-        pad_h, pad_w = -height % self.size_divisor, -width % self.size_divisor
-        if pad_h or pad_w:
-            pixel_values = torch.nn.functional.pad(pixel_values, (0, pad_w, 0, pad_h))
-            pixel_mask = torch.nn.functional.pad(pixel_mask, (0, pad_w, 0, pad_h))
-        valid_sizes = [tuple(np.asarray(example["label"]).shape) for example in examples]
         return {
-            "pixel_values": pixel_values,
-            "pixel_mask": pixel_mask,
-            "valid_sizes": valid_sizes,
+            "pixel_values": batch["pixel_values"],
+            "pixel_mask": batch["pixel_mask"],
+            "valid_sizes": [tuple(np.asarray(example["label"]).shape) for example in examples],
             "original_images": batch["original_images"],
             "original_segmentation_maps": batch["original_segmentation_maps"],
         }

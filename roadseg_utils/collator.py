@@ -149,7 +149,8 @@ class SegmentationCollator:
     are empty when the transform ran with ``keep_originals=False`` (training, where they would only cost memory).
     ``mask_dtype`` is ``torch.bool`` (default) or ``torch.uint8``. With ``num_labels`` set, a label id outside
     0..num_labels-1 (other than ``ignore_index``) raises a ValueError naming the example, instead of failing later
-    inside the model's loss.
+    inside the model's loss. ``size_divisor`` pads the batch's height and width up to a multiple of it (as padding,
+    like images smaller than the largest one).
     """
 
     ignore_index: int = IGNORE_INDEX
@@ -157,15 +158,18 @@ class SegmentationCollator:
     num_labels: int | None = None
     # Inference needs no loss targets: without them ``mask_labels`` and ``class_labels`` are empty lists.
     with_targets: bool = True
+    size_divisor: int = 1
 
     def __post_init__(self) -> None:
         if self.mask_dtype not in (torch.bool, torch.uint8):
             raise ValueError(f"mask_dtype must be torch.bool or torch.uint8, got {self.mask_dtype}")
         if not 0 <= self.ignore_index < NUM_BINS:
             raise ValueError(f"ignore_index must lie in 0..255 for uint8 label maps, got {self.ignore_index}")
+        if self.size_divisor < 1:
+            raise ValueError(f"size_divisor must be at least 1, got {self.size_divisor}")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Stack, pad to the largest example, and build per-image binary masks and class ids."""
+        """Stack, pad to the largest example (and ``size_divisor``), and build per-image binary masks and class ids."""
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         sources = [str(example.get("path", f"example {i}")) for i, example in enumerate(examples)]
@@ -183,8 +187,8 @@ class SegmentationCollator:
                 )
 
         batch_size = len(examples)
-        height = max(label.shape[0] for label in labels)
-        width = max(label.shape[1] for label in labels)
+        height = -(-max(label.shape[0] for label in labels) // self.size_divisor) * self.size_divisor
+        width = -(-max(label.shape[1] for label in labels) // self.size_divisor) * self.size_divisor
         # Fixed-size training crops never need padding here; evaluation images of different sizes do.
         needs_padding = any(label.shape != (height, width) for label in labels)
         image_classes = []

@@ -142,6 +142,22 @@ def test_eval_batch_of_different_sizes_is_padded(processor):
         assert not masks[:, pixel_mask == 0].any()
 
 
+def test_size_divisor_pads_like_a_larger_image():
+    rng = np.random.default_rng(2)
+    labels = [random_label(30, 44, rng), random_label(36, 28, rng)]
+    examples = [make_example(label, rng) for label in labels]
+    plain = SegmentationCollator()(examples)
+    padded = SegmentationCollator(size_divisor=32)(examples)
+    assert padded["pixel_values"].shape == (2, 3, 64, 64) and padded["pixel_mask"].shape == (2, 64, 64)
+    assert torch.equal(padded["pixel_values"][..., :36, :44], plain["pixel_values"])
+    assert torch.equal(padded["pixel_mask"][..., :36, :44], plain["pixel_mask"])
+    assert not padded["pixel_values"][..., 36:, :].any() and not padded["pixel_mask"][..., :, 44:].any()
+    for ours, theirs in zip(padded["mask_labels"], plain["mask_labels"], strict=True):
+        assert torch.equal(ours[:, :36, :44], theirs) and not ours[:, 36:, :].any() and not ours[:, :, 44:].any()
+    with pytest.raises(ValueError, match="size_divisor"):
+        SegmentationCollator(size_divisor=0)
+
+
 def test_without_targets_keeps_inputs_and_originals():
     rng = np.random.default_rng(1)
     examples = [make_example(random_label(32, 48, rng), rng) for _ in range(2)]
