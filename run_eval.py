@@ -73,12 +73,7 @@ from roadseg_utils.modeling import (  # noqa: E402
     semantic_scores_for_image,
 )
 from roadseg_utils.transforms import build_eval_transforms, make_transform_fn  # noqa: E402
-from roadseg_utils.visualize import (  # noqa: E402
-    plot_confusion_matrix,
-    plot_per_class_iou,
-    render_overlay,
-    save_png_atomically,
-)
+from roadseg_utils.visualize import render_overlay, save_png_atomically, save_score_charts  # noqa: E402
 
 logger = logging.get_logger("run_eval")
 
@@ -615,12 +610,10 @@ def write_outputs(
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
     write_text_atomically(output_dir / "eval_report.md", render_report(results))
-    names = _names(label_set.id2label)
     title = f"{results['model']} on {results['split']} ({results['num_images']} images)"
-    save_png_atomically(plot_confusion_matrix(matrix, names, title=title), output_dir / "confusion_matrix.png")
-    colors = [tuple(label_set.colors[i]) for i in range(label_set.num_labels)]
-    chart = plot_per_class_iou(metrics["per_category_iou"], names, colors, metrics["mean_iou"], title=title)
-    save_png_atomically(chart, output_dir / "per_class_iou.png")
+    save_score_charts(
+        matrix, metrics, label_set, title, output_dir / "confusion_matrix.png", output_dir / "per_class_iou.png"
+    )
     paths = dataset_column(dataset, "path")
     for rank, index in enumerate(overlays):
         row = dataset[index]

@@ -64,7 +64,7 @@ from roadseg_utils.selection import load_manifest
 from roadseg_utils.synthetic import parse_size
 from roadseg_utils.trainer import EpochSeededDataset, FrozenBackboneTrainer, peak_memory_metrics
 from roadseg_utils.transforms import build_eval_transforms, build_train_transforms, make_transform_fn
-from roadseg_utils.visualize import plot_confusion_matrix, plot_per_class_iou, save_png_atomically
+from roadseg_utils.visualize import save_score_charts
 
 logger = hf_logging.get_logger(__name__)
 
@@ -287,13 +287,8 @@ def save_split_plots(
     output_dir: Path, split: str, scores: Mapping[str, Any], confusion: np.ndarray, label_set: LabelSet
 ) -> list[str]:
     """The confusion matrix and per-class IoU chart of one split under ``output_dir/plots``; their relative paths."""
-    names = [label_set.id2label[index] for index in range(label_set.num_labels)]
-    colors = [tuple(label_set.colors[index]) for index in range(label_set.num_labels)]
-    title = f"{output_dir.name}: {split}"
     written = [f"plots/confusion_matrix_{split}.png", f"plots/per_class_iou_{split}.png"]
-    save_png_atomically(plot_confusion_matrix(confusion, names, title=title), output_dir / written[0])
-    chart = plot_per_class_iou(scores["per_category_iou"], names, colors, scores["mean_iou"], title=title)
-    save_png_atomically(chart, output_dir / written[1])
+    save_score_charts(confusion, scores, label_set, f"{output_dir.name}: {split}", *(output_dir / p for p in written))
     return written
 
 

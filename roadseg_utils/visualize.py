@@ -8,7 +8,7 @@ a rename.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,3 +330,21 @@ def save_png_atomically(picture: Image.Image | Any, path: str | os.PathLike[str]
     if isinstance(picture, Image.Image):
         return write_atomically(path, lambda stream: picture.save(stream, format="PNG"))
     return write_atomically(path, lambda stream: picture.savefig(stream, format="png", dpi=picture.dpi))
+
+
+def save_score_charts(
+    confusion: np.ndarray,
+    metrics: Mapping[str, Any],
+    label_set: LabelSet,
+    title: str,
+    confusion_path: str | os.PathLike[str],
+    iou_path: str | os.PathLike[str],
+) -> list[Path]:
+    """The confusion-matrix and per-class IoU PNGs of one scored split (``metrics`` of the same matrix)."""
+    names = [label_set.id2label[index] for index in range(label_set.num_labels)]
+    colors = [tuple(label_set.colors[index]) for index in range(label_set.num_labels)]
+    chart = plot_per_class_iou(metrics["per_category_iou"], names, colors, metrics["mean_iou"], title=title)
+    return [
+        save_png_atomically(plot_confusion_matrix(confusion, names, title=title), confusion_path),
+        save_png_atomically(chart, iou_path),
+    ]
