@@ -55,6 +55,7 @@ from roadseg_utils.data import (  # noqa: E402
 from roadseg_utils.hub import (  # noqa: E402
     HubPublishError,
     hub_is_reachable,
+    one_line,
     push_files_to_hub,
     update_model_card_eval_results,
 )
@@ -657,8 +658,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         eval_args, data_args, label_set_given = parse_arguments(argv)
         return evaluate(eval_args, data_args, label_set_given)
     except (EvalInputError, ModelLoadError, DataError, HubPublishError, FileNotFoundError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"run_eval.py: error: {message}", file=sys.stderr)
+        print(f"run_eval.py: error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
 
 

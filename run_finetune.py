@@ -48,6 +48,7 @@ from roadseg_utils.data import (
 from roadseg_utils.hub import (
     FinetuneCardInfo,
     HubPublishError,
+    one_line,
     require_hub,
     write_finetune_card,
 )
@@ -186,7 +187,7 @@ def parse_arguments(
             return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
         return parser.parse_args_into_dataclasses(args=argv)
     except (ValueError, OSError) as err:
-        raise CommandLineError(str(err).strip().splitlines()[0]) from err
+        raise CommandLineError(one_line(err)) from err
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
                 train_rows, [splits["validation"], splits["test"]], data_args.selection_manifest, label_set
             )
     except (ModelLoadError, HubPublishError, DataError, ValueError, OSError) as err:
-        fail(str(err).strip().splitlines()[0])
+        fail(one_line(err))
     if training_args.do_train and len(train_rows) == 0:
         fail(f"{data_args.describe_source()}: the train split is empty")
     if len(splits["validation"]) == 0 and (training_args.do_eval or training_args.eval_strategy != "no"):
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             callbacks=callbacks,
         )
     except (HfHubHTTPError, OSError, ValueError) as err:
-        fail(f"cannot set up training: {str(err).strip().splitlines()[0]}")
+        fail(f"cannot set up training: {one_line(err)}")
 
     results: dict[str, Any] = {}
     if training_args.do_train:
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         try:
             trainer.push_to_hub(commit_message="roadseg run_finetune.py")
         except (HfHubHTTPError, OSError) as err:
-            fail(f"push to the Hub failed: {str(err).strip().splitlines()[0]}")
+            fail(f"push to the Hub failed: {one_line(err)}")
     return results
 
 

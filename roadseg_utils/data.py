@@ -41,6 +41,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Offl
 from PIL import Image, ImageDraw
 from transformers.utils import logging
 
+from .hub import one_line
 from .labels import IGNORE_INDEX, LabelSet, get_label_set, raw_name_to_id
 
 if TYPE_CHECKING:
@@ -1083,7 +1084,7 @@ def _load_hf_source(args: DataSourceArguments) -> dict[str, datasets.Dataset]:
         try:
             loaded = datasets.load_dataset(name, args.dataset_config_name)
         except (*_HUB_ERRORS, datasets.exceptions.DatasetNotFoundError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = one_line(err)
             raise HubDatasetUnavailableError(
                 f"cannot load dataset {name!r} from the Hugging Face Hub ({reason}); offline or no access? "
                 "Pass a local copy: a save_to_disk folder or an imagefolder directory as --dataset_name, "

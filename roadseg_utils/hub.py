@@ -37,7 +37,8 @@ class HubPublishError(RuntimeError):
     """Reading a card from or pushing to the Hub failed; the message is one line and never holds the token."""
 
 
-def _one_line(err: BaseException, token: str | None) -> str:
+def one_line(err: BaseException, token: str | None = None) -> str:
+    """The first line of an error's message (its type name when empty), with ``token`` masked, for one-line errors."""
     message = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return message.replace(token, "<token>") if token else message
 
@@ -64,7 +65,7 @@ def _load_card(card_path: Path, base_card_repo: str | None, token: str | None) -
         try:
             return ModelCard.load(base_card_repo, token=token)
         except (HfHubHTTPError, OSError, ValueError) as err:
-            raise HubPublishError(f"cannot read the model card of {base_card_repo}: {_one_line(err, token)}") from err
+            raise HubPublishError(f"cannot read the model card of {base_card_repo}: {one_line(err, token)}") from err
     data = ModelCardData(library_name="transformers", pipeline_tag="image-segmentation",
                          tags=["image-segmentation", "mask2former"])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {card_path.parent.name or 'Model'}\n")
@@ -115,7 +116,7 @@ def push_files_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message)
     except (HfHubHTTPError, OSError, ValueError) as err:
-        raise HubPublishError(f"pushing to {repo_id} failed: {_one_line(err, token)}") from err
+        raise HubPublishError(f"pushing to {repo_id} failed: {one_line(err, token)}") from err
     return commit.commit_url
 
 

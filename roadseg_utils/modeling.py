@@ -10,7 +10,7 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
-from .hub import hub_is_reachable
+from .hub import hub_is_reachable, one_line
 from .labels import IGNORE_INDEX, LabelSet
 
 logger = hf_logging.get_logger(__name__)
@@ -105,7 +105,7 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         if source != model_name_or_path:
-            raise ModelLoadError(f"{source}: cannot load the model ({str(err).splitlines()[0]})") from err
+            raise ModelLoadError(f"{source}: cannot load the model ({one_line(err)})") from err
         raise ModelLoadError(
             f"cannot fetch {model_name_or_path!r} from the Hugging Face Hub (offline, or no such model): "
             f"pass a local model folder or --model_name_or_path {TINY_MODEL}"

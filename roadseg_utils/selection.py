@@ -1276,7 +1276,7 @@ def push_subset_to_hub(saved_at: str | os.PathLike[str], repo_id: str, private: 
     try:
         datasets.load_from_disk(saved_at).push_to_hub(repo_id, private=private)
     except (HfHubHTTPError, ConnectionError, TimeoutError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = hub.one_line(err)
         raise SelectionError(
             f"pushing {repo_id} to the Hub failed ({reason}); the subset is saved in {saved_at}"
         ) from err

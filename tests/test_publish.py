@@ -185,3 +185,11 @@ def test_finetune_and_eval_push_the_folder_card_and_plots_without_leaking_the_to
     captured = capfd.readouterr()
     assert "Running training" in captured.out + captured.err + caplog.text  # the logs were captured
     assert TOKEN not in captured.out + captured.err + caplog.text
+
+
+def test_one_line_gives_the_first_line_or_the_type_and_masks_the_token():
+    from roadseg_utils.hub import one_line
+
+    assert one_line(ValueError("\n  first line\nsecond line")) == "first line"
+    assert one_line(OSError()) == "OSError"
+    assert one_line(RuntimeError("401 for hf_secret123 at /api"), token="hf_secret123") == "401 for <token> at /api"
