@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -63,7 +64,7 @@ IDD_POLYGON_SUFFIX = "_gtFine_polygons.json"
 NPY_MAGIC = b"\x93NUMPY"
 # OpenCV histograms count in float32, exact only below 2**24 per bin.
 FLOAT32_EXACT_LIMIT = 1 << 24
-# Below this many samples, starting worker processes costs more than the checks themselves.
+# Below this many samples, starting worker processes costs more than the work they would share.
 MIN_PARALLEL_SAMPLES = 64
 VALIDATION_CHUNK = 16
 
@@ -748,31 +749,38 @@ def _inspect_chunk(
     return [_inspect_sample(image, label, name, num_labels, level, label_set_name) for image, label, name in chunk]
 
 
-def _resolve_workers(num_workers: int | None, count: int) -> int:
-    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+def resolve_workers(num_workers: int | None, count: int) -> int:
+    """Worker processes for ``count`` items: ``num_workers``, or up to 8 usable cores; 1 when there are few items."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(8, available) if num_workers is None else num_workers
     return workers if workers > 1 and count >= MIN_PARALLEL_SAMPLES else 1
 
 
-def _inspect_all(
-    chunks: Iterable[list[tuple[Any, Any, str]]], inspect: Callable[..., list[_Inspection]], workers: int
-) -> Iterator[_Inspection]:
-    """Inspections in input order; with workers, a bounded number of chunks is in flight at a time."""
+def map_in_order(
+    fn: Callable[[Any], Any],
+    tasks: Iterable[Any],
+    workers: int,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+) -> Iterator[Any]:
+    """``fn`` of each task, in input order; with workers, in a process pool with two tasks per worker in flight."""
     if workers <= 1:
-        for chunk in chunks:
-            yield from inspect(chunk)
+        yield from map(fn, tasks)
         return
     # fork on Linux: workers start at once and never re-run the caller's __main__ (spawn would, breaking scripts
-    # and notebooks without a main guard); they only run PIL and numpy, none of the parent's thread pools.
+    # and notebooks without a main guard); they run PIL, OpenCV and numpy, none of the parent's Python threads.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
-    pending: deque[Future[list[_Inspection]]] = deque()
+    executor = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=initializer, initargs=initargs
+    )
+    pending: deque[Future[Any]] = deque()
     try:
-        for chunk in chunks:
-            pending.append(executor.submit(inspect, chunk))
+        for task in tasks:
+            pending.append(executor.submit(fn, task))
             if len(pending) >= 2 * workers:
-                yield from pending.popleft().result()
+                yield pending.popleft().result()
         while pending:
-            yield from pending.popleft().result()
+            yield pending.popleft().result()
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
@@ -793,8 +801,8 @@ def _check_samples(
     kept: list[int] = []
     good: list[_Inspection] = []
     skipped: list[tuple[str, str]] = []
-    with closing(_inspect_all(chunks, inspect, _resolve_workers(num_workers, count))) as inspections:
-        for index, result in enumerate(inspections):
+    with closing(map_in_order(inspect, chunks, resolve_workers(num_workers, count))) as inspected_chunks:
+        for index, result in enumerate(itertools.chain.from_iterable(inspected_chunks)):
             if result.error is None:
                 kept.append(index)
                 good.append(result)

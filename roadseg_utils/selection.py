@@ -31,11 +31,9 @@ import csv
 import io
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -64,9 +62,11 @@ from .data import (
     idd_frame_name,
     label_level,
     load_segmentation_dataset,
+    map_in_order,
     paths_fingerprint,
     pixel_counts,
     read_label_map,
+    resolve_workers,
     to_label_map,
 )
 from .labels import IGNORE_INDEX, LabelSet
@@ -96,8 +96,6 @@ SUBSET_MARKER = ".roadseg_subset"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Label maps per worker task: large enough to amortise inter-process traffic, small enough for a smooth progress bar.
 HISTOGRAM_CHUNK = 16
-# Below this many label maps to decode, starting worker processes costs more than it saves.
-MIN_PARALLEL_MAPS = 64
 # Seed offsets, so each strategy draws from its own stream of the same seed.
 RANDOM_SALT = 1
 RARE_CLASS_SALT = 2
@@ -355,29 +353,6 @@ def _dataset_histograms(bounds: tuple[int, int], dataset: datasets.Dataset | Non
     return outcomes
 
 
-def _resolve_workers(num_workers: int | None, count: int) -> int:
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(8, available) if num_workers is None else num_workers
-    return workers if workers > 1 and count >= MIN_PARALLEL_MAPS else 1
-
-
-def _map_in_order(
-    fn: Callable[[Any], list[_Outcome]],
-    tasks: Sequence[Any],
-    workers: int,
-    initializer: Callable[..., None] | None = None,
-    initargs: tuple[Any, ...] = (),
-) -> Iterator[list[_Outcome]]:
-    """``fn`` over ``tasks`` in order; with several workers in a fork pool that holds a bounded queue of results."""
-    if workers <= 1:
-        yield from map(fn, tasks)
-        return
-    # fork: workers start at once and inherit the parent's imports and data; they only run PIL and numpy.
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, initializer, initargs) as pool:
-        yield from pool.imap(fn, tasks)
-
-
 class HistogramCache:
     """Label-map histograms keyed by a file's (path, size, modification time), stored as one ``.npz`` file.
 
@@ -498,7 +473,7 @@ def _decode_histograms(
         else:
             fn, initializer, initargs = _DatasetHistogramTask(pool.dataset), None, ()
     with tqdm(total=int(todo.size), unit="map", desc="label histograms", disable=not progress or None) as bar:
-        for chunk, outcomes in zip(chunks, _map_in_order(fn, tasks, workers, initializer, initargs), strict=True):
+        for chunk, outcomes in zip(chunks, map_in_order(fn, tasks, workers, initializer, initargs), strict=True):
             yield from zip(chunk.tolist(), outcomes, strict=True)
             bar.update(len(chunk))
 
@@ -535,7 +510,7 @@ def compute_class_stats(
     todo = np.flatnonzero(~known)
     failures: dict[int, tuple[type[BadSampleError], str]] = {}
     if todo.size:
-        workers = _resolve_workers(num_workers, todo.size)
+        workers = resolve_workers(num_workers, todo.size)
         logger.info(f"decoding {todo.size} label maps ({len(pool) - todo.size} cached) with {workers} process(es)")
         for index, outcome in _decode_histograms(pool, todo, level, workers, progress):
             if outcome.error is not None:
