@@ -40,6 +40,7 @@ from transformers import HfArgumentParser, set_seed  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from roadseg_utils.atomic import write_text_atomically  # noqa: E402
+from roadseg_utils.cli import one_line  # noqa: E402
 from roadseg_utils.collator import SegmentationCollator  # noqa: E402
 from roadseg_utils.data import (  # noqa: E402
     SPLIT_ALIASES,
@@ -55,7 +56,6 @@ from roadseg_utils.data import (  # noqa: E402
 from roadseg_utils.hub import (  # noqa: E402
     HubPublishError,
     hub_is_reachable,
-    one_line,
     push_files_to_hub,
     update_model_card_eval_results,
 )

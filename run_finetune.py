@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
 from roadseg_utils.atomic import write_text_atomically
+from roadseg_utils.cli import one_line, parse_size
 from roadseg_utils.data import (
     SPLITS,
     DataError,
@@ -48,7 +49,6 @@ from roadseg_utils.data import (
 from roadseg_utils.hub import (
     FinetuneCardInfo,
     HubPublishError,
-    one_line,
     require_hub,
     write_finetune_card,
 )
@@ -62,7 +62,6 @@ from roadseg_utils.modeling import (
     load_model,
 )
 from roadseg_utils.selection import load_manifest
-from roadseg_utils.synthetic import parse_size
 from roadseg_utils.trainer import EpochSeededDataset, FrozenBackboneTrainer, peak_memory_metrics
 from roadseg_utils.transforms import build_eval_transforms, build_train_transforms, make_transform_fn
 from roadseg_utils.visualize import save_score_charts

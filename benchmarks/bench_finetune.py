@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 
+from roadseg_utils.cli import parse_size
 from roadseg_utils.collator import SegmentationCollator
 from roadseg_utils.data import DataSourceArguments, load_segmentation_dataset, with_sample_transform
 from roadseg_utils.labels import idd_label_set
 from roadseg_utils.modeling import TINY_MODEL, freeze, frozen_modules, load_image_processor, load_model
-from roadseg_utils.synthetic import generate_synthetic_idd, parse_size
+from roadseg_utils.synthetic import generate_synthetic_idd
 from roadseg_utils.trainer import DEFAULT_FROZEN_PARTS, EpochSeededDataset, lock_eval_mode
 from roadseg_utils.transforms import build_train_transforms, make_transform_fn
 

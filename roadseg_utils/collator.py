@@ -46,8 +46,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .data import pixel_counts
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, pixel_counts
 
 logger = logging.get_logger(__name__)
 

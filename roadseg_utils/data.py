@@ -22,28 +22,25 @@ import hashlib
 import io
 import itertools
 import json
-import multiprocessing
 import os
 import pickle
 import re
-import sys
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import cv2
 import numpy as np
 import pyarrow as pa
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from PIL import Image, ImageDraw
 from transformers.utils import logging
 
-from .hub import one_line
-from .labels import IGNORE_INDEX, LabelSet, get_label_set, raw_name_to_id
+from .cli import one_line
+from .labels import IGNORE_INDEX, LabelSet, get_label_set, pixel_counts, raw_name_to_id
+from .parallel import chunked, map_in_order, resolve_workers
 
 if TYPE_CHECKING:
     # Imported where used: `datasets` takes ~0.6 s to import, and file layouts never need it.
@@ -62,10 +59,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IDD_IMAGE_SUFFIX = "_leftImg8bit"
 IDD_POLYGON_SUFFIX = "_gtFine_polygons.json"
 NPY_MAGIC = b"\x93NUMPY"
-# OpenCV histograms count in float32, exact only below 2**24 per bin.
-FLOAT32_EXACT_LIMIT = 1 << 24
-# Below this many samples, starting worker processes costs more than the work they would share.
-MIN_PARALLEL_SAMPLES = 64
 VALIDATION_CHUNK = 16
 
 
@@ -290,12 +283,8 @@ def rasterize_polygons(annotation: dict[str, Any], level: int = 3, source: str =
 
 
 def label_level(label_set: LabelSet | int | None) -> int | None:
-    """The IDD level a label set is read at (``idd-level3`` -> 3); None for a custom label set."""
-    if label_set is None or isinstance(label_set, int):
-        return label_set
-    prefix = "idd-level"
-    suffix = label_set.name[len(prefix):]
-    return int(suffix) if label_set.name.startswith(prefix) and suffix.isdigit() else None
+    """The IDD level a label set is read at (``idd-level3`` -> 3); None for a custom label set; ints pass through."""
+    return label_set if label_set is None or isinstance(label_set, int) else label_set.idd_level
 
 
 def _label_array_from_array(array: np.ndarray, source: str) -> np.ndarray:
@@ -325,19 +314,6 @@ def _label_array_from_pil(image: Image.Image, source: str) -> np.ndarray:
     if image.mode.startswith("I"):
         return _label_array_from_array(np.array(image), source)
     raise DataError(f"{source}: mask has mode {image.mode}; expected a single-channel label-id image (L, P or I)")
-
-
-def pixel_counts(label_map: np.ndarray) -> np.ndarray:
-    """Pixel count (int64) of every value of a label map, 256 entries at least: OpenCV's histogram for uint8 maps.
-
-    ``calcHist`` takes ~1 ms for a 1080x1920 map where ``np.bincount`` takes ~5 ms; other dtypes, empty maps and
-    maps too large for its float32 counts go through ``np.bincount``.
-    """
-    label_map = np.asarray(label_map)
-    if label_map.dtype != np.uint8 or not 0 < label_map.size < FLOAT32_EXACT_LIMIT:
-        return np.bincount(label_map.ravel(), minlength=256).astype(np.int64)
-    flat = np.ascontiguousarray(label_map).reshape(-1)
-    return cv2.calcHist([flat], [0], None, [256], [0, 256]).ravel().astype(np.int64)
 
 
 def read_label_map(label_path: str | os.PathLike[str], level: LabelSet | int | None = 3) -> np.ndarray:
@@ -701,88 +677,93 @@ def assign_splits(
 # Validation
 
 
-class _Inspection(NamedTuple):
+ON_BAD_SAMPLE_MODES = ("error", "skip")
+
+
+class SampleVerdict(NamedTuple):
+    """What checking one sample found: the error type and problem of a bad one, the size and histogram of a good one."""
+
     name: str
-    error: type[BadSampleError] | None
-    problem: str | None
-    height: int
-    width: int
-    histogram: np.ndarray | None
+    error: type[BadSampleError] | None = None
+    problem: str | None = None
+    histogram: np.ndarray | None = None
+    height: int = 0
+    width: int = 0
 
 
-def _inspect_sample(
-    image: Any, label: Any, name: str, num_labels: int, level: int | None, label_set_name: str
-) -> _Inspection:
-    def bad(error: type[BadSampleError], problem: str) -> _Inspection:
-        return _Inspection(name, error, problem, 0, 0, None)
+def check_on_bad_sample(on_bad_sample: str) -> None:
+    """Refuse an ``on_bad_sample`` policy other than ``error`` or ``skip``."""
+    if on_bad_sample not in ON_BAD_SAMPLE_MODES:
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
 
+
+def label_value_problem(histogram: np.ndarray, label_set: LabelSet, mask: str = "mask") -> str | None:
+    """The problem of a label histogram holding values outside ``label_set`` (255 is ignore), or None."""
+    num_labels = label_set.num_labels
+    invalid = np.flatnonzero(histogram[num_labels:IGNORE_INDEX]) + num_labels
+    if not invalid.size:
+        return None
+    shown = ", ".join(str(v) for v in invalid[:10]) + (", ..." if invalid.size > 10 else "")
+    return (f"{mask} holds label values {shown} outside {label_set.name} "
+            f"(valid: 0-{num_labels - 1}, and {IGNORE_INDEX} = ignore)")
+
+
+def sort_samples(
+    verdicts: Iterable[SampleVerdict], on_bad_sample: str, source: str | None = None
+) -> tuple[list[int], list[SampleVerdict], list[tuple[str, str]]]:
+    """Indices and verdicts of the good samples, and (name, problem) of the skipped ones: the one bad-sample policy.
+
+    ``error`` raises the first bad sample's `BadSampleError` subclass; ``skip`` logs each one and the total. With a
+    ``source``, having skipped every sample raises `EmptyDatasetError` naming it.
+    """
+    check_on_bad_sample(on_bad_sample)
+    kept: list[int] = []
+    good: list[SampleVerdict] = []
+    skipped: list[tuple[str, str]] = []
+    count = 0
+    for count, verdict in enumerate(verdicts, start=1):
+        if verdict.error is None:
+            kept.append(count - 1)
+            good.append(verdict)
+        elif on_bad_sample == "error":
+            raise verdict.error(verdict.name, verdict.problem)
+        else:
+            logger.warning(f"skipping {verdict.name}: {verdict.problem}")
+            skipped.append((verdict.name, verdict.problem))
+    if skipped:
+        if source is not None and not kept:
+            raise EmptyDatasetError(f"{source}: all {count} samples were skipped as bad")
+        logger.warning(f"skipped {len(skipped)} of {count} samples as bad (on_bad_sample=skip)")
+    return kept, good, skipped
+
+
+def _inspect_sample(image: Any, label: Any, name: str, label_set: LabelSet) -> SampleVerdict:
     try:
         height, width = _image_size(image, name)
     except Exception as err:  # any failure to read the image makes it unusable
-        return bad(UnreadableImageError, f"cannot read image ({err})")
+        return SampleVerdict(name, UnreadableImageError, f"cannot read image ({err})")
     if label is None:
-        return bad(MissingMaskError, "has no mask")
+        return SampleVerdict(name, MissingMaskError, "has no mask")
     if isinstance(label, (str, os.PathLike)) and not os.path.isfile(label):
-        return bad(MissingMaskError, f"mask {os.fspath(label)} does not exist")
+        return SampleVerdict(name, MissingMaskError, f"mask {os.fspath(label)} does not exist")
     try:
-        label_map = to_label_map(label, level, name)
+        label_map = to_label_map(label, label_set.idd_level, name)
     except Exception as err:  # any failure to decode the mask makes it unusable
-        return bad(UnreadableMaskError, f"cannot read mask ({err})")
+        return SampleVerdict(name, UnreadableMaskError, f"cannot read mask ({err})")
     if label_map.shape != (height, width):
         mask_height, mask_width = label_map.shape
-        return bad(SizeMismatchError, f"mask is {mask_height}x{mask_width} but image is {height}x{width}")
-    histogram = pixel_counts(label_map)
-    invalid = np.flatnonzero(histogram[num_labels:IGNORE_INDEX]) + num_labels
-    if invalid.size:
-        shown = ", ".join(str(v) for v in invalid[:10]) + (", ..." if invalid.size > 10 else "")
-        return bad(
-            LabelValueError,
-            f"mask holds label values {shown} outside {label_set_name} "
-            f"(valid: 0-{num_labels - 1}, and {IGNORE_INDEX} = ignore)",
+        return SampleVerdict(
+            name, SizeMismatchError, f"mask is {mask_height}x{mask_width} but image is {height}x{width}"
         )
-    return _Inspection(name, None, None, height, width, histogram)
+    histogram = pixel_counts(label_map)
+    problem = label_value_problem(histogram, label_set)
+    if problem is not None:
+        return SampleVerdict(name, LabelValueError, problem)
+    return SampleVerdict(name, histogram=histogram, height=height, width=width)
 
 
-def _inspect_chunk(
-    chunk: list[tuple[Any, Any, str]], num_labels: int, level: int | None, label_set_name: str
-) -> list[_Inspection]:
-    return [_inspect_sample(image, label, name, num_labels, level, label_set_name) for image, label, name in chunk]
-
-
-def resolve_workers(num_workers: int | None, count: int) -> int:
-    """Worker processes for ``count`` items: ``num_workers``, or up to 8 usable cores; 1 when there are few items."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(8, available) if num_workers is None else num_workers
-    return workers if workers > 1 and count >= MIN_PARALLEL_SAMPLES else 1
-
-
-def map_in_order(
-    fn: Callable[[Any], Any],
-    tasks: Iterable[Any],
-    workers: int,
-    initializer: Callable[..., None] | None = None,
-    initargs: tuple[Any, ...] = (),
-) -> Iterator[Any]:
-    """``fn`` of each task, in input order; with workers, in a process pool with two tasks per worker in flight."""
-    if workers <= 1:
-        yield from map(fn, tasks)
-        return
-    # fork on Linux: workers start at once and never re-run the caller's __main__ (spawn would, breaking scripts
-    # and notebooks without a main guard); they run PIL, OpenCV and numpy, none of the parent's Python threads.
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    executor = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context(method), initializer=initializer, initargs=initargs
-    )
-    pending: deque[Future[Any]] = deque()
-    try:
-        for task in tasks:
-            pending.append(executor.submit(fn, task))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+def _inspect_chunk(chunk: list[tuple[Any, Any, str]], label_set: LabelSet) -> list[SampleVerdict]:
+    return [_inspect_sample(image, label, name, label_set) for image, label, name in chunk]
 
 
 def _check_samples(
@@ -791,40 +772,13 @@ def _check_samples(
     label_set: LabelSet,
     on_bad_sample: str,
     num_workers: int | None,
-) -> tuple[list[int], list[_Inspection], list[tuple[str, str]]]:
-    """Indices and inspections of the good samples, and the skipped ones; raises at the first bad one in error mode."""
-    if on_bad_sample not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-    inspect = functools.partial(
-        _inspect_chunk, num_labels=label_set.num_labels, level=label_level(label_set), label_set_name=label_set.name
-    )
-    kept: list[int] = []
-    good: list[_Inspection] = []
-    skipped: list[tuple[str, str]] = []
+    source: str | None = None,
+) -> tuple[list[int], list[SampleVerdict], list[tuple[str, str]]]:
+    """`sort_samples` over every sample's inspection, run in worker processes when there are many."""
+    check_on_bad_sample(on_bad_sample)
+    inspect = functools.partial(_inspect_chunk, label_set=label_set)
     with closing(map_in_order(inspect, chunks, resolve_workers(num_workers, count))) as inspected_chunks:
-        for index, result in enumerate(itertools.chain.from_iterable(inspected_chunks)):
-            if result.error is None:
-                kept.append(index)
-                good.append(result)
-            elif on_bad_sample == "error":
-                raise result.error(result.name, result.problem)
-            else:
-                logger.warning(f"skipping {result.name}: {result.problem}")
-                skipped.append((result.name, result.problem))
-    if skipped:
-        logger.warning(f"skipped {len(skipped)} of {count} samples as bad (on_bad_sample=skip)")
-    return kept, good, skipped
-
-
-def _chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        return sort_samples(itertools.chain.from_iterable(inspected_chunks), on_bad_sample, source)
 
 
 def validate_records(
@@ -843,10 +797,8 @@ def validate_records(
         raise EmptyDatasetError(f"{source}: no samples to load")
     tasks = ((r.image_path, r.label_path, r.image_path) for r in records)
     kept, good, skipped = _check_samples(
-        _chunked(tasks, VALIDATION_CHUNK), len(records), label_set, on_bad_sample, num_workers
+        chunked(tasks, VALIDATION_CHUNK), len(records), label_set, on_bad_sample, num_workers, source
     )
-    if not kept:
-        raise EmptyDatasetError(f"{source}: all {len(records)} samples were skipped as bad")
     return ValidationResult(
         records=[records[i] for i in kept],
         histograms=np.stack([g.histogram for g in good]),
@@ -936,9 +888,9 @@ def _load_pickle_splits(args: DataSourceArguments, label_set: LabelSet, seed: in
             indices[name] = [indices[name][i] for i in keep]
     order = [i for name in SPLITS for i in indices[name]]
     tasks = ((rows[i].get("pixel_values"), rows[i].get("label"), keys[i]) for i in order)
-    kept, good, _ = _check_samples(_chunked(tasks, VALIDATION_CHUNK), len(order), label_set, args.on_bad_sample, 1)
-    if not kept:
-        raise EmptyDatasetError(f"{source}: all {len(order)} samples were skipped as bad")
+    kept, good, _ = _check_samples(
+        chunked(tasks, VALIDATION_CHUNK), len(order), label_set, args.on_bad_sample, 1, source
+    )
     inspected = {order[k]: g for k, g in zip(kept, good, strict=True)}
     features = datasets.Features({
         "image": datasets.Value("binary"), "label": datasets.Value("binary"), "path": datasets.Value("string"),

@@ -16,6 +16,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.errors import HfHubHTTPError
 
 from .atomic import write_text_atomically
+from .cli import one_line
 from .labels import IGNORE_INDEX, LabelSet
 
 
@@ -35,12 +36,6 @@ def hub_is_reachable(timeout: float = 3.0) -> bool:
 
 class HubPublishError(RuntimeError):
     """Reading a card from or pushing to the Hub failed; the message is one line and never holds the token."""
-
-
-def one_line(err: BaseException, token: str | None = None) -> str:
-    """The first line of an error's message (its type name when empty), with ``token`` masked, for one-line errors."""
-    message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return message.replace(token, "<token>") if token else message
 
 
 def _eval_result_key(result: EvalResult) -> tuple[str | None, ...]:

@@ -10,7 +10,8 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
 
-from .hub import hub_is_reachable, one_line
+from .cli import one_line
+from .hub import hub_is_reachable
 from .labels import IGNORE_INDEX, LabelSet
 
 logger = hf_logging.get_logger(__name__)

@@ -49,27 +49,28 @@ from transformers.utils import logging
 from . import hub
 from .atomic import write_atomically, write_text_atomically
 from .data import (
-    BadSampleError,
     DataError,
     DataSourceArguments,
     EmptyDatasetError,
     LabelValueError,
     MissingMaskError,
     SampleRecord,
+    SampleVerdict,
     UnreadableMaskError,
+    check_on_bad_sample,
     dataset_column,
     find_records,
     idd_frame_name,
     label_level,
+    label_value_problem,
     load_segmentation_dataset,
-    map_in_order,
     paths_fingerprint,
-    pixel_counts,
     read_label_map,
-    resolve_workers,
+    sort_samples,
     to_label_map,
 )
-from .labels import IGNORE_INDEX, LabelSet
+from .labels import IGNORE_INDEX, LabelSet, pixel_counts
+from .parallel import map_in_order, resolve_workers
 
 if TYPE_CHECKING:
     # Imported where used: `datasets` takes ~0.6 s to import, and file layouts never need it.
@@ -311,26 +312,19 @@ def label_histogram(label_path: str | os.PathLike[str], level: int | None = 3) -
         return pixel_counts(to_label_map(image, level, path))
 
 
-@dataclass(frozen=True)
-class _Outcome:
-    histogram: np.ndarray | None
-    error: type[BadSampleError] | None = None
-    problem: str | None = None
-
-
-def _file_histograms(tasks: list[tuple[str, str | None]], level: int | None) -> list[_Outcome]:
-    outcomes = []
-    for _, label_path in tasks:
+def _file_histograms(tasks: list[tuple[str, str | None]], level: int | None) -> list[SampleVerdict]:
+    verdicts = []
+    for image_path, label_path in tasks:
         if label_path is None:
-            outcomes.append(_Outcome(None, MissingMaskError, "has no mask"))
+            verdicts.append(SampleVerdict(image_path, MissingMaskError, "has no mask"))
             continue
         try:
-            outcomes.append(_Outcome(label_histogram(label_path, level)))
+            verdicts.append(SampleVerdict(image_path, histogram=label_histogram(label_path, level)))
         except FileNotFoundError:
-            outcomes.append(_Outcome(None, MissingMaskError, f"mask {label_path} does not exist"))
+            verdicts.append(SampleVerdict(image_path, MissingMaskError, f"mask {label_path} does not exist"))
         except Exception as err:  # any failure to decode the mask makes the sample unusable
-            outcomes.append(_Outcome(None, UnreadableMaskError, f"cannot read mask {label_path} ({err})"))
-    return outcomes
+            verdicts.append(SampleVerdict(image_path, UnreadableMaskError, f"cannot read mask {label_path} ({err})"))
+    return verdicts
 
 
 _WORKER_DATASET: datasets.Dataset | None = None
@@ -341,16 +335,14 @@ def _set_worker_dataset(dataset: datasets.Dataset) -> None:
     _WORKER_DATASET = dataset
 
 
-def _dataset_histograms(bounds: tuple[int, int], dataset: datasets.Dataset | None = None) -> list[_Outcome]:
+def _dataset_histograms(bounds: tuple[int, int], dataset: datasets.Dataset | None = None) -> list[SampleVerdict]:
     start, stop = bounds
     rows = (dataset if dataset is not None else _WORKER_DATASET).select_columns(["label", "path"])[start:stop]
-    outcomes = []
-    for label in rows["label"]:
-        if label is None:
-            outcomes.append(_Outcome(None, MissingMaskError, "has no mask"))
-        else:
-            outcomes.append(_Outcome(pixel_counts(label)))
-    return outcomes
+    return [
+        SampleVerdict(path, MissingMaskError, "has no mask") if label is None
+        else SampleVerdict(path, histogram=pixel_counts(label))
+        for label, path in zip(rows["label"], rows["path"], strict=True)
+    ]
 
 
 class HistogramCache:
@@ -444,25 +436,14 @@ class ClassStats:
     decoded: int  # label maps decoded by this call; the others came from the cache
 
 
-def _bad_values_problem(histogram: np.ndarray, label_set: LabelSet, label_path: str | None) -> str | None:
-    num_labels = label_set.num_labels
-    invalid = np.flatnonzero(histogram[num_labels:IGNORE_INDEX]) + num_labels
-    if not invalid.size:
-        return None
-    shown = ", ".join(str(v) for v in invalid[:10]) + (", ..." if invalid.size > 10 else "")
-    mask = f"mask {label_path}" if label_path else "mask"
-    return (f"{mask} holds label values {shown} outside {label_set.name} "
-            f"(valid: 0-{num_labels - 1}, and {IGNORE_INDEX} = ignore)")
-
-
 def _decode_histograms(
     pool: CandidatePool, todo: np.ndarray, level: int | None, workers: int, progress: bool
-) -> Iterator[tuple[int, _Outcome]]:
-    """(pool index, outcome) for every index in ``todo``, decoded in chunks by ``workers`` processes."""
+) -> Iterator[tuple[int, SampleVerdict]]:
+    """(pool index, verdict) for every index in ``todo``, decoded in chunks by ``workers`` processes."""
     if pool.records is not None:
         chunks = [todo[i: i + HISTOGRAM_CHUNK] for i in range(0, todo.size, HISTOGRAM_CHUNK)]
         tasks: list[Any] = [[(pool.records[i].image_path, pool.records[i].label_path) for i in c] for c in chunks]
-        fn: Callable[[Any], list[_Outcome]] = _FileHistogramTask(level)
+        fn: Callable[[Any], list[SampleVerdict]] = _FileHistogramTask(level)
         initializer, initargs = None, ()
     else:
         # Dataset rows are fetched by contiguous ranges of the sorted table; workers inherit the dataset by fork.
@@ -492,8 +473,7 @@ def compute_class_stats(
     missing, unreadable or holds values outside ``label_set`` raises its `BadSampleError` naming the file, or with
     ``on_bad_sample="skip"`` is logged and left out.
     """
-    if on_bad_sample not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+    check_on_bad_sample(on_bad_sample)
     level = label_level(label_set)
     if pool.records is not None:
         keys, stamps = _file_stamps(pool, level)
@@ -508,37 +488,31 @@ def compute_class_stats(
         known, cached = cache.lookup(keys, stamps)
         histograms[known] = cached
     todo = np.flatnonzero(~known)
-    failures: dict[int, tuple[type[BadSampleError], str]] = {}
+    failures: dict[int, SampleVerdict] = {}
     if todo.size:
         workers = resolve_workers(num_workers, todo.size)
         logger.info(f"decoding {todo.size} label maps ({len(pool) - todo.size} cached) with {workers} process(es)")
-        for index, outcome in _decode_histograms(pool, todo, level, workers, progress):
-            if outcome.error is not None:
-                failures[index] = (outcome.error, outcome.problem)
+        for index, verdict in _decode_histograms(pool, todo, level, workers, progress):
+            if verdict.error is not None:
+                failures[index] = verdict
                 continue
-            histograms[index] = outcome.histogram
+            histograms[index] = verdict.histogram
             if cache is not None and stamps[index, 0] >= 0:
-                cache.add(keys[index], stamps[index], outcome.histogram)
+                cache.add(keys[index], stamps[index], verdict.histogram)
         if cache is not None:
             cache.save()
-    label_paths = [r.label_path for r in pool.records] if pool.records is not None else [None] * len(pool)
     names = [r.image_path for r in pool.records] if pool.records is not None else pool.paths
     for index in np.flatnonzero(histograms[:, label_set.num_labels:IGNORE_INDEX].any(axis=1)).tolist():
         if index not in failures:
-            failures[index] = (LabelValueError, _bad_values_problem(histograms[index], label_set, label_paths[index]))
-    skipped = []
-    for index in sorted(failures):
-        error, problem = failures[index]
-        if on_bad_sample == "error":
-            raise error(names[index], problem)
-        logger.warning(f"skipping {names[index]}: {problem}")
-        skipped.append((names[index], problem))
-    if not skipped:
-        return ClassStats(pool, histograms, skipped, int(todo.size))
-    if len(skipped) == len(pool):
-        raise EmptyDatasetError(f"{pool.source}: all {len(pool)} samples were skipped as bad")
-    logger.warning(f"skipped {len(skipped)} of {len(pool)} samples as bad (on_bad_sample=skip)")
-    keep = [i for i in range(len(pool)) if i not in failures]
+            label_path = pool.records[index].label_path if pool.records is not None else None
+            problem = label_value_problem(histograms[index], label_set, f"mask {label_path}" if label_path else "mask")
+            failures[index] = SampleVerdict(names[index], LabelValueError, problem)
+    if not failures:
+        return ClassStats(pool, histograms, [], int(todo.size))
+    good = SampleVerdict("")
+    keep, _, skipped = sort_samples(
+        (failures.get(index, good) for index in range(len(pool))), on_bad_sample, pool.source
+    )
     return ClassStats(pool.subset(keep), histograms[keep], skipped, int(todo.size))
 
 
@@ -548,7 +522,7 @@ class _FileHistogramTask:
     def __init__(self, level: int | None) -> None:
         self.level = level
 
-    def __call__(self, tasks: list[tuple[str, str | None]]) -> list[_Outcome]:
+    def __call__(self, tasks: list[tuple[str, str | None]]) -> list[SampleVerdict]:
         return _file_histograms(tasks, self.level)
 
 
@@ -558,7 +532,7 @@ class _DatasetHistogramTask:
     def __init__(self, dataset: datasets.Dataset) -> None:
         self.dataset = dataset
 
-    def __call__(self, bounds: tuple[int, int]) -> list[_Outcome]:
+    def __call__(self, bounds: tuple[int, int]) -> list[SampleVerdict]:
         return _dataset_histograms(bounds, self.dataset)
 
 

@@ -27,8 +27,9 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from .atomic import write_atomically, write_text_atomically
-from .data import IDD_IMAGE_SUFFIX, IDD_POLYGON_SUFFIX, idd_label_suffix, pixel_counts, rasterize_polygons
-from .labels import IGNORE_INDEX, LEVEL3_NAMES, idd_label_set, raw_name_to_id
+from .cli import parse_size
+from .data import IDD_IMAGE_SUFFIX, IDD_POLYGON_SUFFIX, idd_label_suffix, rasterize_polygons
+from .labels import IGNORE_INDEX, LEVEL3_NAMES, idd_label_set, pixel_counts, raw_name_to_id
 
 logger = logging.get_logger(__name__)
 
@@ -163,18 +164,6 @@ CIRCLE_OUTLINE = np.stack([0.5 * np.cos(_ANGLES), 0.5 + 0.5 * np.sin(_ANGLES)], 
 OCTAGON_OUTLINE = CIRCLE_OUTLINE[::2]
 TRIANGLE_OUTLINE = np.array([(-0.5, 0.1), (0.5, 0.1), (0, 1)])
 SIGN_OUTLINES = (CIRCLE_OUTLINE, OCTAGON_OUTLINE, TRIANGLE_OUTLINE, RECTANGLE_OUTLINE)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse ``"HxW"`` (or ``"N"`` for a square) into ``(height, width)`` positive integers."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
-    if match is None:
-        raise ValueError(f"invalid size {text!r}: expected HEIGHTxWIDTH with positive integers, e.g. 360x640")
-    height = int(match.group(1))
-    width = int(match.group(2)) if match.group(2) is not None else height
-    if height <= 0 or width <= 0:
-        raise ValueError(f"invalid size {text!r}: height and width must be positive, e.g. 360x640")
-    return height, width
 
 
 @dataclass(frozen=True)

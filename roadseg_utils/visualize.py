@@ -16,8 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import write_atomically
-from .data import pixel_counts
-from .labels import IGNORE_INDEX, LabelSet
+from .labels import IGNORE_INDEX, LabelSet, pixel_counts
 
 # Selection charts are bars and text drawn with PIL: importing matplotlib alone takes ~0.55 s and drawing these two
 # with it ~0.4 s more, which would double a cached selection rerun (run_selection.py, ~1.4 s without them).

@@ -45,6 +45,7 @@ from roadseg_utils.data import (
     with_sample_transform,
 )
 from roadseg_utils.labels import get_label_set
+from roadseg_utils.parallel import MIN_PARALLEL_SAMPLES
 
 HEIGHT, WIDTH = 6, 8
 
@@ -402,7 +403,7 @@ def test_skip_drops_exactly_the_bad_samples_and_loads_the_rest(tmp_path, caplog)
 
 
 def test_parallel_validation_matches_serial(tmp_path):
-    frames = [("train", str(i % 5), f"{i:06d}") for i in range(data.MIN_PARALLEL_SAMPLES + 6)]
+    frames = [("train", str(i % 5), f"{i:06d}") for i in range(MIN_PARALLEL_SAMPLES + 6)]
     _write_idd_tree(tmp_path, frames)
     _make_bad(tmp_path, "value77", "000003", sequence="3")
     _make_bad(tmp_path, "missing", "000040", sequence="0")
@@ -580,7 +581,7 @@ def test_offline_hub_name_gives_one_clear_line(monkeypatch):
 
 
 def test_pixel_counts_equal_bincount_and_stay_exact_beyond_float32_integers():
-    from roadseg_utils.data import pixel_counts
+    from roadseg_utils.labels import pixel_counts
 
     rng = np.random.default_rng(4)
     label = rng.integers(0, 256, (90, 160), dtype=np.uint8)

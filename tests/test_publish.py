@@ -188,7 +188,7 @@ def test_finetune_and_eval_push_the_folder_card_and_plots_without_leaking_the_to
 
 
 def test_one_line_gives_the_first_line_or_the_type_and_masks_the_token():
-    from roadseg_utils.hub import one_line
+    from roadseg_utils.cli import one_line
 
     assert one_line(ValueError("\n  first line\nsecond line")) == "first line"
     assert one_line(OSError()) == "OSError"

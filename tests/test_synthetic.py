@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from roadseg_utils.cli import parse_size
 from roadseg_utils.data import rasterize_polygons
 from roadseg_utils.labels import IGNORE_INDEX, LEVEL3_NAMES, raw_name_to_id
 from roadseg_utils.synthetic import (
@@ -18,7 +19,6 @@ from roadseg_utils.synthetic import (
     LABEL_SUFFIX,
     POLYGONS_SUFFIX,
     generate_synthetic_idd,
-    parse_size,
     sequence_sizes,
 )
 
