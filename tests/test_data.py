@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -34,6 +35,7 @@ from roadseg_utils.data import (
     UnsafePickleError,
     dataset_column,
     find_records,
+    lazy_dataset,
     load_legacy_pickle,
     load_segmentation_dataset,
     load_split_records,
@@ -85,6 +87,21 @@ def _rows_by_path(dataset_dict: datasets.DatasetDict) -> dict[str, dict]:
 
 def _rect(label: str, x0: int, y0: int, x1: int, y1: int, **extra) -> dict:
     return {"label": label, "polygon": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]], **extra}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The package
+
+
+def test_package_exports_every_public_name_without_importing_datasets():
+    # A fresh interpreter: this test module has imported `datasets` already.
+    code = ("import sys; from roadseg_utils import data; "
+            "print([n for n in data.__all__ if not hasattr(data, n)], 'datasets' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[] False"
+    used_by_callers = {"DataSourceArguments", "load_segmentation_dataset", "SampleVerdict", "IDD_IMAGE_SUFFIX"}
+    assert used_by_callers <= set(data.__all__)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,8 +177,8 @@ def test_idd_tree_with_level3_pngs_loads_lazily_with_contract_columns(tmp_path, 
     frames += [("val", "7", "000070"), ("val", "7", "000071"), ("test", "9", "000090")]
     labels = _write_idd_tree(tmp_path, frames)
     decoded_images = []
-    real_to_rgb = data.to_rgb_image
-    monkeypatch.setattr(data, "to_rgb_image", lambda value, source="": decoded_images.append(source) or
+    real_to_rgb = lazy_dataset.to_rgb_image
+    monkeypatch.setattr(lazy_dataset, "to_rgb_image", lambda value, source="": decoded_images.append(source) or
                         real_to_rgb(value, source))
 
     with caplog.at_level(logging.WARNING):

@@ -1,0 +1,167 @@
+"""Hugging Face datasets as a source: loading a Hub, save_to_disk or imagefolder dataset and preparing its splits."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from transformers.utils import logging
+
+from ..cli import one_line
+from ..labels import LabelSet
+from .arguments import SPLIT_ALIASES, SPLITS, DataSourceArguments
+from .decoding import label_level
+from .errors import DataError, EmptyDatasetError, HubDatasetUnavailableError
+from .lazy_dataset import SampleDecoder
+from .splits import carving_fractions, split_dataset, subsample
+from .validation import VALIDATION_CHUNK, check_samples
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.get_logger(__name__)
+
+_HUB_ERRORS = (ConnectionError, TimeoutError, OfflineModeIsEnabled, LocalEntryNotFoundError, HfHubHTTPError)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _load_hf_source(args: DataSourceArguments) -> dict[str, datasets.Dataset]:
+    import datasets
+    name = args.dataset_name
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(local))
+        else:
+            try:
+                loaded = datasets.load_dataset(str(local), args.dataset_config_name)
+            except (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError) as err:
+                raise DataError(f"{name}: cannot load this folder as a dataset ({err})") from err
+    elif local.exists() or _looks_like_local_path(name):
+        raise DataError(f"{name}: not a dataset folder (expected a save_to_disk folder or an imagefolder directory)")
+    else:
+        try:
+            loaded = datasets.load_dataset(name, args.dataset_config_name)
+        except (*_HUB_ERRORS, datasets.exceptions.DatasetNotFoundError) as err:
+            reason = one_line(err)
+            raise HubDatasetUnavailableError(
+                f"cannot load dataset {name!r} from the Hugging Face Hub ({reason}); offline or no access? "
+                "Pass a local copy: a save_to_disk folder or an imagefolder directory as --dataset_name, "
+                "or an IDD tree as --data_dir"
+            ) from err
+    if isinstance(loaded, datasets.Dataset):
+        return {"train": loaded}
+    splits = {}
+    for split_name, dataset in loaded.items():
+        canonical = SPLIT_ALIASES.get(split_name.lower())
+        if canonical is None or canonical in splits:
+            logger.warning(f"{name}: split {split_name!r} is not used (only train, validation and test are)")
+            continue
+        splits[canonical] = dataset
+    return splits
+
+
+def _hf_image_files(dataset: datasets.Dataset) -> list[str | None]:
+    """The file path stored with each image, read from Arrow without decoding; None where there is none."""
+    column = dataset.with_format("arrow")["image"]
+    if not isinstance(column.type, pa.StructType) or "path" not in {f.name for f in column.type}:
+        return [None] * len(dataset)
+    return column.combine_chunks().field("path").to_pylist()
+
+
+def _prepare_hf_split(
+    dataset: datasets.Dataset, split: str, args: DataSourceArguments
+) -> datasets.Dataset | None:
+    """The split with contract columns image, label, path, sequence; None for an unlabelled eval split."""
+    import datasets
+    source = f"{args.dataset_name} [{split}]"
+    columns = dataset.column_names
+    if args.image_column not in columns:
+        raise DataError(f"{source}: no image column {args.image_column!r}; columns are {columns} (set --image_column)")
+    if args.label_column not in columns:
+        if split != "train":
+            logger.warning(f"{source}: no label column {args.label_column!r}, so the split is left out")
+            return None
+        raise DataError(f"{source}: no label column {args.label_column!r}; columns are {columns} (set --label_column)")
+    if split != "train" and dataset.with_format("arrow")[args.label_column].null_count == len(dataset):
+        logger.warning(f"{source}: every label is empty, so the split is left out")
+        return None
+    label_feature = dataset.features[args.label_column]
+    if isinstance(label_feature, (datasets.ClassLabel, datasets.Value)):
+        raise DataError(
+            f"{source}: label column {args.label_column!r} holds {label_feature}, not segmentation maps "
+            "(set --label_column to the mask column)"
+        )
+    extra = [c for c in ("path", "sequence") if c in columns and c not in (args.image_column, args.label_column)]
+    dataset = dataset.select_columns([args.image_column, args.label_column, *extra])
+    renames = {old: new for old, new in ((args.image_column, "image"), (args.label_column, "label")) if old != new}
+    if renames:
+        dataset = dataset.rename_columns(renames)
+    files = _hf_image_files(dataset)
+    root = Path(args.dataset_name).expanduser()
+    if "path" not in dataset.column_names:
+        keys = [
+            os.path.relpath(f, root).replace(os.sep, "/") if f and root.is_dir() and os.path.isabs(f) else f
+            for f in files
+        ]
+        if None in keys or "" in keys or len(set(keys)) != len(keys):
+            keys = [f"{split}/{i:06d}" for i in range(len(dataset))]
+        dataset = dataset.add_column("path", keys)
+    if "sequence" not in dataset.column_names:
+        default = root.name or args.dataset_name
+        sequences = [PurePosixPath(f.replace(os.sep, "/")).parent.name or default if f else default for f in files]
+        dataset = dataset.add_column("sequence", sequences)
+    return dataset
+
+
+def _hf_tasks(dataset: datasets.Dataset, chunk_size: int) -> Iterator[list[tuple[Any, Any, str]]]:
+    table = dataset.with_format("arrow")
+    for start in range(0, len(dataset), chunk_size):
+        batch = table[start: start + chunk_size]
+        yield list(zip(
+            batch.column("image").to_pylist(), batch.column("label").to_pylist(), batch.column("path").to_pylist(),
+            strict=True,
+        ))
+
+
+def load_hf_splits(args: DataSourceArguments, label_set: LabelSet, seed: int) -> dict[str, datasets.Dataset]:
+    """A Hub, save_to_disk or imagefolder dataset's splits with contract columns, missing ones carved, validated."""
+    import datasets
+    prepared = {}
+    for split, dataset in _load_hf_source(args).items():
+        ready = _prepare_hf_split(dataset, split, args)
+        if ready is not None:
+            prepared[split] = ready
+    carving = carving_fractions(prepared, args)
+    if len(carving) > 1 and sum(carving.values()) > 0 and "train" in prepared:
+        prepared.update(split_dataset(prepared["train"], carving, seed, args.split_by))
+    decoder = SampleDecoder(label_level(label_set))
+    splits: dict[str, datasets.Dataset] = {}
+    for salt, name in enumerate(SPLITS):
+        dataset = prepared.get(name)
+        if dataset is None:
+            empty_columns = ("image", "label", "path", "sequence")
+            dataset = datasets.Dataset.from_dict(
+                {c: [] for c in empty_columns},
+                features=datasets.Features({c: datasets.Value("string") for c in empty_columns}),
+            )
+        keep = subsample(len(dataset), args.max_samples, seed, salt)
+        if keep is not None:
+            dataset = dataset.select(keep)
+        kept, _, _ = check_samples(
+            _hf_tasks(dataset, VALIDATION_CHUNK), len(dataset), label_set, args.on_bad_sample, args.num_workers
+        )
+        # No height/width columns here: adding a column after select() would copy the whole table.
+        if len(kept) < len(dataset):
+            dataset = dataset.select(kept)
+        splits[name] = dataset.with_transform(decoder)
+    if not any(len(d) for d in splits.values()):
+        raise EmptyDatasetError(f"{args.dataset_name}: no usable samples (none found, or all skipped as bad)")
+    return splits
