@@ -17,6 +17,7 @@ from roadseg_utils import selection
 from roadseg_utils.data import (
     DataSourceArguments,
     LabelValueError,
+    UnreadableMaskError,
     dataset_column,
     find_records,
     load_segmentation_dataset,
@@ -30,7 +31,9 @@ from roadseg_utils.selection import (
     SelectionError,
     class_diversity,
     class_presence,
+    class_stats,
     compute_class_stats,
+    export,
     image_frequency,
     label_histogram,
     load_candidate_pool,
@@ -177,8 +180,8 @@ def test_truncated_greyscale_png_is_an_unreadable_mask(tmp_path: Path):
     _save(tmp_path / "whole.png", rng.integers(0, 26, (64, 80)).astype(np.uint8))
     data = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    [outcome] = selection._file_histograms([("image.png", str(tmp_path / "cut.png"))], 3)
-    assert outcome.histogram is None and outcome.error is selection.UnreadableMaskError
+    [outcome] = class_stats._file_histograms([("image.png", str(tmp_path / "cut.png"))], 3)
+    assert outcome.histogram is None and outcome.error is UnreadableMaskError
     assert str(tmp_path / "cut.png") in outcome.problem
 
 
@@ -245,7 +248,7 @@ def test_rerun_with_other_weights_decodes_no_label_map(synthetic: Path, default_
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", guarded_open)
-    monkeypatch.setattr(selection, "label_histogram", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
+    monkeypatch.setattr(class_stats, "label_histogram", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
     outputs = run_selection.main(["--data_dir", str(synthetic), "--num_images", str(BUDGET), "--output_dir",
                                   str(output), "--alpha", "0", "--beta", "1", "--gamma", "0", "--num_workers", "1"])
     assert decoded == [] and outputs["decoded"] == 0
@@ -264,8 +267,8 @@ def test_changed_label_file_is_the_only_one_decoded_again(hand_made: Path, tmp_p
     _save(changed, _blocks({0: 8, 3: 8}))
     os.utime(changed, ns=(1, 1))
     decoded = []
-    real = selection.label_histogram
-    monkeypatch.setattr(selection, "label_histogram", lambda path, level: decoded.append(path) or real(path, level))
+    real = class_stats.label_histogram
+    monkeypatch.setattr(class_stats, "label_histogram", lambda path, level: decoded.append(path) or real(path, level))
     assert run_selection.main(args)["decoded"] == 1
     assert [os.fspath(p) for p in decoded] == [str(changed)]
     assert _rows_by_path(tmp_path / "o" / "manifest.json")["leftImg8bit/train/a/f2_leftImg8bit.png"]["rcs"] == 1.0
@@ -493,7 +496,7 @@ def test_hf_dataset_subset_loads_back_and_can_be_ranked_again(small_synthetic: P
 
 
 def test_push_to_hub_offline_is_one_clear_line(small_synthetic: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(selection.hub, "hub_is_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(export.hub, "hub_is_reachable", lambda *a, **k: False)
     output = tmp_path / "o"
     with pytest.raises(SystemExit) as excinfo:
         run_selection.main(["--data_dir", str(small_synthetic), "--num_images", "3", "--output_dir", str(output),

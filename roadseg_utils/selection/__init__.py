@@ -1,0 +1,144 @@
+"""Choosing the most informative training images: per-image class statistics, scores, strategies, manifest I/O.
+
+Selection ranks the *training pool* of a data source: the images of its train split as found (an IDD tree's
+``leftImg8bit/train``, every image of flat folders, a Hugging Face dataset's train split). Validation and test are
+never ranked and never filtered. Each image gets three scores from the pixel histogram of its label map:
+
+- CDS, class diversity: the Shannon entropy in nats of its class pixel distribution (``entropy``), or the number
+  of classes present (``count``); a class is present with at least ``min_pixels`` pixels.
+- RCS, rare-class score: the number of present classes of the rare set (``count``), or the sum over present
+  classes of ``-ln f_c``, where ``f_c`` is the share of pool images containing class c (``neglog``).
+- ICS: the inverse of the number of pool images in the image's sequence folder (``inverse``), or that number
+  (``count``).
+
+The seed's score is ``count`` / ``neglog`` / ``count``. The defaults differ because the seed's score is not
+rare-seeking: summing ``-ln f_c`` over every present class rewards clutter (many mid-frequency classes) over one
+rare class, and counting classes and sequence sizes pushes the same way, so classes that come with sparse scenes
+(guard rails on highways) end up under-represented, below a random subset of the same size.
+
+``score = alpha * cds / max(cds) + beta * rcs / max(rcs) + gamma * ics / max(ics)`` (a term whose maximum is 0 is
+0). The manifest (docs/DESIGN.md) holds one row per pool image; ``selected_paths(manifest)`` gives the ``path`` ids
+of the chosen rows, the same ids as the dataset's ``path`` column (`SampleRecord.path`: relative to the data root),
+so ``run_finetune.py --selection_manifest`` keeps exactly those rows of its train split.
+
+Histograms are cached in ``class_stats.npz`` keyed by (label file, size, modification time), so a rerun with other
+weights or another budget decodes no label map.
+
+Modules: `arguments` (options and modes), `pool` (the training pool), `histogram_cache` and `class_stats` (label
+histograms), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and `select_images`), `manifest`,
+`report` (report.md and plots) and `export` (writing the subset, pushing it to the Hub).
+"""
+
+from .arguments import (
+    CDS_MODES,
+    DEFAULT_NUM_IMAGES,
+    ICS_MODES,
+    MATERIALIZE_MODES,
+    RCS_MODES,
+    STRATEGIES,
+    SelectionArguments,
+    SelectionError,
+    check_weights,
+)
+from .class_stats import (
+    HISTOGRAM_CHUNK,
+    PNG_SIGNATURE,
+    ClassStats,
+    compute_class_stats,
+    label_histogram,
+)
+from .export import SUBSET_MARKER, materialize_dataset, materialize_files, push_subset_to_hub
+from .histogram_cache import CACHE_FILE, CACHE_VERSION, HistogramCache
+from .manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_CSV,
+    MANIFEST_FORMAT,
+    MANIFEST_JSON,
+    MANIFEST_VERSION,
+    load_manifest,
+    manifest_rows,
+    selected_paths,
+    write_manifest,
+)
+from .pool import SUBSAMPLE_SALT, CandidatePool, load_candidate_pool
+from .report import REPORT_FILE, render_report, strategy_comparison, write_plots
+from .scoring import (
+    FORMULA,
+    class_diversity,
+    class_presence,
+    image_frequency,
+    rare_class_score,
+    resolve_budget,
+    resolve_rare_classes,
+    sequence_score,
+    weighted_score,
+)
+from .strategies import (
+    CLASS_DRAW_BATCH,
+    RANDOM_SALT,
+    RARE_CLASS_SALT,
+    Selection,
+    random_order,
+    rare_class_sampling_order,
+    select_images,
+    strategy_order,
+    weighted_order,
+)
+
+__all__ = [
+    "CACHE_FILE",
+    "CACHE_VERSION",
+    "CDS_MODES",
+    "CLASS_DRAW_BATCH",
+    "DEFAULT_NUM_IMAGES",
+    "FORMULA",
+    "HISTOGRAM_CHUNK",
+    "ICS_MODES",
+    "MANIFEST_COLUMNS",
+    "MANIFEST_CSV",
+    "MANIFEST_FORMAT",
+    "MANIFEST_JSON",
+    "MANIFEST_VERSION",
+    "MATERIALIZE_MODES",
+    "PNG_SIGNATURE",
+    "RANDOM_SALT",
+    "RARE_CLASS_SALT",
+    "RCS_MODES",
+    "REPORT_FILE",
+    "STRATEGIES",
+    "SUBSAMPLE_SALT",
+    "SUBSET_MARKER",
+    "CandidatePool",
+    "ClassStats",
+    "HistogramCache",
+    "Selection",
+    "SelectionArguments",
+    "SelectionError",
+    "check_weights",
+    "class_diversity",
+    "class_presence",
+    "compute_class_stats",
+    "image_frequency",
+    "label_histogram",
+    "load_candidate_pool",
+    "load_manifest",
+    "manifest_rows",
+    "materialize_dataset",
+    "materialize_files",
+    "push_subset_to_hub",
+    "random_order",
+    "rare_class_sampling_order",
+    "rare_class_score",
+    "render_report",
+    "resolve_budget",
+    "resolve_rare_classes",
+    "select_images",
+    "selected_paths",
+    "sequence_score",
+    "strategy_comparison",
+    "strategy_order",
+    "weighted_order",
+    "weighted_score",
+    "write_manifest",
+    "write_plots",
+]

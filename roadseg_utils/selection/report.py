@@ -1,0 +1,154 @@
+"""report.md (counts, class frequencies, the strategy comparison, images per sequence) and the selection plots."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..labels import LabelSet
+from .arguments import STRATEGIES
+from .scoring import FORMULA
+from .strategies import Selection
+
+REPORT_FILE = "report.md"
+
+
+def _natural_key(text: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value ("2" before "10")."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
+def _share(part: int | float, whole: int | float) -> str:
+    return f"{part / whole:.1%}" if whole else "-"
+
+
+def strategy_comparison(selection: Selection) -> dict[str, dict[str, np.ndarray | float]]:
+    """Per strategy: the share of its K images containing each class, mean CDS, classes and sequences covered."""
+    comparison: dict[str, dict[str, Any]] = {}
+    sequences = np.asarray(selection.sequences, dtype=object)
+    for name, subset in selection.subsets.items():
+        chosen = selection.presence[subset]
+        comparison[name] = {
+            "class_share": chosen.mean(axis=0) if len(subset) else np.zeros(chosen.shape[1]),
+            "mean_cds": float(selection.cds[subset].mean()) if len(subset) else 0.0,
+            "classes_covered": int(chosen.any(axis=0).sum()),
+            "sequences_covered": len(set(sequences[subset])),
+        }
+    return comparison
+
+
+def render_report(selection: Selection, label_set: LabelSet, plots: Sequence[str] = ()) -> str:
+    """report.md: counts, class image frequency before and after, the strategy comparison, images per sequence."""
+    header = selection.header
+    budget, total = header["num_images"], header["num_candidates"]
+    chosen = np.flatnonzero(selection.selected)
+    pool_counts = selection.presence.sum(axis=0)
+    subset_counts = selection.presence[chosen].sum(axis=0)
+    rare = set(selection.rare_ids)
+    names = label_set.id2label
+    lines = [
+        "# Image selection report",
+        "",
+        f"Ranked the {total} images of the training pool of `{header['dataset']['source']}` "
+        f"(fingerprint `{header['dataset']['fingerprint']}`) and selected {budget} with strategy "
+        f"**{header['strategy']}** (seed {header['seed']}). Validation and test images are not ranked.",
+        "",
+        f"`{FORMULA}` with alpha = {header['alpha']}, beta = {header['beta']}, gamma = {header['gamma']}:",
+        "",
+        f"- CDS ({header['cds_mode']}): " + (
+            f"classes with at least {header['min_pixels']} pixel(s) in the image" if header["cds_mode"] == "count"
+            else "Shannon entropy (nats) of the image's class pixel shares"),
+        f"- RCS ({header['rcs_mode']}): " + (
+            "sum over present classes of -ln(share of pool images containing the class)"
+            if header["rcs_mode"] == "neglog" else "number of present classes from the rare set"),
+        f"- ICS ({header['ics_mode']}): " + (
+            "images in the image's sequence folder" if header["ics_mode"] == "count"
+            else "1 / images in the image's sequence folder"),
+        f"- Rare set ({header['rare_set']}): " + (
+            ", ".join(f"{names[c]} ({selection.frequency[c]:.1%})" for c in selection.rare_ids) or "none"),
+        "",
+        "## Counts",
+        "",
+        "| | training pool | selected |",
+        "| --- | ---: | ---: |",
+        f"| images | {total} | {budget} |",
+        f"| sequences | {len(set(selection.sequences))} | {len({selection.sequences[i] for i in chosen})} |",
+        f"| classes in at least one image | {int((pool_counts > 0).sum())} | {int((subset_counts > 0).sum())} |",
+        f"| mean CDS | {selection.cds.mean():.3f} | {selection.cds[chosen].mean():.3f} |",
+        f"| mean RCS | {selection.rcs.mean():.3f} | {selection.rcs[chosen].mean():.3f} |",
+        f"| score range | {selection.score.min():.4f} - {selection.score.max():.4f} | "
+        f"{selection.score[chosen].min():.4f} - {selection.score[chosen].max():.4f} |",
+        f"| images skipped as bad | {len(header['skipped'])} | |",
+        "",
+        "## Image frequency of each class",
+        "",
+        "Share of images that contain the class, before (training pool) and after (selected subset) selection.",
+        "",
+        "| id | class | rare | pool images | pool share | selected images | selected share |",
+        "| ---: | --- | :---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in range(label_set.num_labels):
+        lines.append(
+            f"| {c} | {names[c]} | {'yes' if c in rare else ''} | {int(pool_counts[c])} | "
+            f"{_share(pool_counts[c], total)} | {int(subset_counts[c])} | {_share(subset_counts[c], budget)} |"
+        )
+    comparison = strategy_comparison(selection)
+    lines += [
+        "",
+        f"## Strategies compared at K = {budget}",
+        "",
+        "Share of each strategy's images containing each rare class (random: one seeded draw; its expectation is the "
+        "pool share).",
+        "",
+        "| class | pool | " + " | ".join(STRATEGIES) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in STRATEGIES) + " |",
+    ]
+    for c in selection.rare_ids:
+        lines.append(f"| {names[c]} | {selection.frequency[c]:.1%} | "
+                     + " | ".join(f"{comparison[s]['class_share'][c]:.1%}" for s in STRATEGIES) + " |")
+    lines.append("| mean CDS | " + f"{selection.cds.mean():.2f} | "
+                 + " | ".join(f"{comparison[s]['mean_cds']:.2f}" for s in STRATEGIES) + " |")
+    lines.append(f"| classes covered | {int((pool_counts > 0).sum())} | "
+                 + " | ".join(str(comparison[s]["classes_covered"]) for s in STRATEGIES) + " |")
+    lines.append(f"| sequences covered | {len(set(selection.sequences))} | "
+                 + " | ".join(str(comparison[s]["sequences_covered"]) for s in STRATEGIES) + " |")
+    if selection.rare_ids:
+        weighted = comparison["weighted"]["class_share"]
+        random = comparison["random"]["class_share"]
+        wins = [c for c in selection.rare_ids if weighted[c] > random[c]]
+        lines += ["", f"weighted holds a larger share than random for {len(wins)} of {len(selection.rare_ids)} "
+                      "rare classes" + ("." if len(wins) == len(selection.rare_ids) else ": not for "
+                                        + ", ".join(names[c] for c in selection.rare_ids if c not in wins) + ".")]
+    per_sequence: dict[str, list[int]] = {}
+    for sequence, is_selected in zip(selection.sequences, selection.selected, strict=True):
+        counts = per_sequence.setdefault(sequence, [0, 0])
+        counts[0] += 1
+        counts[1] += int(is_selected)
+    lines += ["", "## Images per sequence", "", "| sequence | pool | selected | share selected |",
+              "| --- | ---: | ---: | ---: |"]
+    for sequence in sorted(per_sequence, key=_natural_key):
+        in_pool, in_subset = per_sequence[sequence]
+        lines.append(f"| {sequence} | {in_pool} | {in_subset} | {_share(in_subset, in_pool)} |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(selection: Selection, label_set: LabelSet, output_dir: str | os.PathLike[str]) -> list[Path]:
+    """class_frequency.png and score_distribution.png in ``output_dir`` (report.md holds the strategy table)."""
+    from ..visualize import plot_class_frequency, plot_score_distribution
+
+    output_dir = Path(output_dir)
+    names = [label_set.id2label[c] for c in range(label_set.num_labels)]
+    subset_share = selection.presence[selection.selected].mean(axis=0)
+    cutoff = float(selection.score[selection.selected].min()) if selection.header["strategy"] == "weighted" else None
+    return [
+        plot_class_frequency(names, selection.frequency, subset_share, selection.rare_ids,
+                             output_dir / "class_frequency.png"),
+        plot_score_distribution(selection.score, selection.selected, output_dir / "score_distribution.png", cutoff),
+    ]
