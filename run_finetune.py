@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,6 +34,7 @@ from transformers.utils import logging as hf_logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
 from roadseg_utils.atomic import write_text_atomically
+from roadseg_utils.card import FinetuneCardInfo, strip_prefix, training_hyperparameters, write_finetune_card
 from roadseg_utils.cli import one_line, parse_size
 from roadseg_utils.data import (
     SPLITS,
@@ -46,23 +45,18 @@ from roadseg_utils.data import (
     paths_fingerprint,
     with_sample_transform,
 )
-from roadseg_utils.hub import (
-    FinetuneCardInfo,
-    HubPublishError,
-    require_hub,
-    write_finetune_card,
-)
+from roadseg_utils.evaluation import json_safe
+from roadseg_utils.freezing import FROZEN_PARTS
+from roadseg_utils.hub import HubPublishError, require_hub
 from roadseg_utils.labels import LabelSet, get_label_set
-from roadseg_utils.modeling import (
-    DEFAULT_CHECKPOINT,
-    FROZEN_PARTS,
-    TINY_MODEL,
-    ModelLoadError,
-    load_image_processor,
-    load_model,
-)
+from roadseg_utils.modeling import DEFAULT_CHECKPOINT, TINY_MODEL, ModelLoadError, load_image_processor, load_model
 from roadseg_utils.selection import load_manifest
-from roadseg_utils.trainer import EpochSeededDataset, FrozenBackboneTrainer, peak_memory_metrics
+from roadseg_utils.trainer import (
+    EpochSeededDataset,
+    FrozenBackboneTrainer,
+    final_evaluation_from_training,
+    peak_memory_metrics,
+)
 from roadseg_utils.transforms import build_eval_transforms, build_train_transforms, make_transform_fn
 from roadseg_utils.visualize import save_score_charts
 
@@ -70,10 +64,6 @@ logger = hf_logging.get_logger(__name__)
 
 RESULTS_FILE = "all_results.json"
 SPLITS_FILE = "data_splits.json"
-CARD_HYPERPARAMETERS = (
-    "learning_rate", "lr_scheduler_type", "optim", "weight_decay", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_steps", "max_grad_norm", "seed",
-)
 
 
 @dataclass
@@ -95,7 +85,7 @@ class ModelArguments:
 
     @property
     def frozen_parts(self) -> tuple[str, ...]:
-        """The parts of `roadseg_utils.modeling.FROZEN_PARTS` that stay frozen."""
+        """The parts of `roadseg_utils.freezing.FROZEN_PARTS` that stay frozen."""
         unfrozen = {"backbone": self.unfreeze_backbone, "pixel_decoder": self.unfreeze_pixel_decoder}
         return tuple(part for part in FROZEN_PARTS if not unfrozen[part])
 
@@ -245,42 +235,10 @@ def select_training_rows(
     return train.select(keep), summary
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinities as None, so the JSON written is standard."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    return value
-
-
-def plain_value(value: Any) -> Any:
-    """An enum's value (``constant`` rather than ``SchedulerType.CONSTANT``), anything else as it is."""
-    return value.value if isinstance(value, Enum) else value
-
-
 def fail(message: str) -> NoReturn:
     """Print one error line and exit with status 1."""
     print(f"run_finetune.py: error: {message}", file=sys.stderr)
     raise SystemExit(1)
-
-
-def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The ``prefix_``-keyed entries of ``metrics`` without the prefix."""
-    return {key[len(prefix) + 1:]: value for key, value in metrics.items() if key.startswith(prefix + "_")}
-
-
-def final_evaluation_from_training(trainer: FrozenBackboneTrainer) -> dict[str, Any] | None:
-    """The validation metrics logged during training at its last step, if they describe the final weights."""
-    if trainer.args.load_best_model_at_end:
-        return None
-    for entry in reversed(trainer.state.log_history):
-        if "eval_mean_iou" in entry:
-            if entry.get("step") != trainer.state.global_step:
-                return None
-            logger.info(f"validation metrics of step {entry['step']} were logged during training; not evaluating again")
-            return {key: value for key, value in entry.items() if key.startswith("eval_") or key == "epoch"}
-    return None
 
 
 def save_split_plots(
@@ -426,7 +384,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             ),
             selection=selection,
             hyperparameters={
-                **{name: plain_value(getattr(training_args, name)) for name in CARD_HYPERPARAMETERS},
+                **training_hyperparameters(training_args),
                 "crop_size": data_args.crop_size,
                 "scale_range": f"{data_args.min_scale}-{data_args.max_scale}",
                 "eval_shortest_edge": data_args.eval_edge or "original size",

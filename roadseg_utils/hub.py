@@ -1,23 +1,18 @@
-"""Hugging Face Hub helpers: reachability, model cards and publishing."""
+"""Hugging Face Hub access: reachability, and pushing files in one commit (model cards are in `card`)."""
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from .atomic import write_text_atomically
 from .cli import one_line
-from .labels import IGNORE_INDEX, LabelSet
 
 
 @cache
@@ -38,58 +33,10 @@ class HubPublishError(RuntimeError):
     """Reading a card from or pushing to the Hub failed; the message is one line and never holds the token."""
 
 
-def _eval_result_key(result: EvalResult) -> tuple[str | None, ...]:
-    return (result.task_type, result.dataset_type, result.dataset_config, result.dataset_split, result.metric_type)
-
-
-def merge_eval_results(existing: Iterable[EvalResult], new: Iterable[EvalResult]) -> list[EvalResult]:
-    """``existing`` with every result for the same task, dataset, config, split and metric replaced by ``new``."""
-    new = list(new)
-    replaced = {_eval_result_key(result) for result in new}
-    return [result for result in existing if _eval_result_key(result) not in replaced] + new
-
-
-def _load_card(card_path: Path, base_card_repo: str | None, token: str | None) -> ModelCard:
-    if card_path.is_file():
-        return ModelCard.load(card_path)
-    if base_card_repo is not None:
-        if not hub_is_reachable():
-            raise HubPublishError(
-                f"cannot read the model card of {base_card_repo}: the Hugging Face Hub is not reachable (offline?)"
-            )
-        try:
-            return ModelCard.load(base_card_repo, token=token)
-        except (HfHubHTTPError, OSError, ValueError) as err:
-            raise HubPublishError(f"cannot read the model card of {base_card_repo}: {one_line(err, token)}") from err
-    data = ModelCardData(library_name="transformers", pipeline_tag="image-segmentation",
-                         tags=["image-segmentation", "mask2former"])
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {card_path.parent.name or 'Model'}\n")
-
-
-def update_model_card_eval_results(
-    card_path: str | os.PathLike[str],
-    eval_results: Iterable[EvalResult],
-    model_name: str,
-    base_card_repo: str | None = None,
-    token: str | None = None,
-) -> ModelCard:
-    """Write ``eval_results`` into the model-index metadata of the card at ``card_path``, atomically.
-
-    The card is read from ``card_path``, else from the Hub repo ``base_card_repo``, else started as a minimal card;
-    its text and other metadata are kept, and earlier results for the same task, dataset, config, split and metric
-    are replaced. The written file is parsed back and must give the same results (else ValueError).
-    """
-    card_path = Path(card_path)
-    card = _load_card(card_path, base_card_repo, token)
-    merged = merge_eval_results(card.data.eval_results or [], eval_results)
-    card.data.model_name = card.data.model_name or model_name
-    card.data.eval_results = merged
-    write_text_atomically(card_path, str(card))
-    written = ModelCard.load(card_path).data.eval_results or []
-    if [(_eval_result_key(r), r.metric_value) for r in written] != [(_eval_result_key(r), r.metric_value)
-                                                                    for r in merged]:
-        raise ValueError(f"{card_path}: the model-index written does not read back as the results given")
-    return card
+def require_hub(purpose: str) -> None:
+    """Raise `HubPublishError` (one line naming ``purpose``) when the Hub cannot be reached, offline mode included."""
+    if not hub_is_reachable():
+        raise HubPublishError(f"{purpose}: the Hugging Face Hub is not reachable (offline, or HF_HUB_OFFLINE is set)")
 
 
 def push_files_to_hub(
@@ -113,205 +60,3 @@ def push_files_to_hub(
     except (HfHubHTTPError, OSError, ValueError) as err:
         raise HubPublishError(f"pushing to {repo_id} failed: {one_line(err, token)}") from err
     return commit.commit_url
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The model card of a fine-tuned checkpoint (run_finetune.py)
-
-CARD_TAGS = ("image-segmentation", "mask2former", "semantic-segmentation", "roadseg")
-CARD_SUMMARY_METRICS = (
-    ("mean_iou", "mIoU"),
-    ("mean_iou_level2", "mIoU (level 2)"),
-    ("mean_iou_level1", "mIoU (level 1)"),
-    ("overall_accuracy", "pixel accuracy"),
-    ("mean_accuracy", "mean class accuracy"),
-    ("frequency_weighted_iou", "frequency-weighted IoU"),
-    ("loss", "loss"),
-)
-# The same metric types and names as run_eval.py's model-index entries, so its --update_model_card replaces them.
-CARD_INDEX_METRICS = (
-    ("mean_iou", "mIoU"),
-    ("mean_iou_level2", "mIoU (level 2)"),
-    ("mean_iou_level1", "mIoU (level 1)"),
-    ("mean_accuracy", "Mean class accuracy"),
-    ("overall_accuracy", "Pixel accuracy"),
-)
-
-
-@dataclass
-class FinetuneCardInfo:
-    """What the model card of a fine-tuned checkpoint states; ``metrics`` maps a split to its unprefixed scalars."""
-
-    model_name: str
-    label_set: LabelSet
-    base_model: str | None = None
-    data_source: str = ""
-    dataset_name: str = "IDD"  # the model-index dataset name, e.g. the data folder's name
-    split_sizes: Mapping[str, int] = field(default_factory=dict)
-    split_description: str = ""
-    selection: Mapping[str, Any] | None = None
-    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
-    frozen_modules: Sequence[str] = ()
-    parameter_counts: Mapping[str, int] = field(default_factory=dict)
-    metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    plots: Sequence[str] = ()  # paths relative to the card's folder
-    # "other": the weights inherit the terms of the base checkpoint and of the training data (see the card's text).
-    license: str | None = "other"
-
-    @property
-    def dataset_type(self) -> str:
-        """The model-index dataset type: ``idd`` for the IDD label sets, else ``custom``."""
-        return "idd" if self.label_set.name.startswith("idd-") else "custom"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4f}" if _finite(value) else "n/a"
-
-
-def finetune_card_data(info: FinetuneCardInfo) -> ModelCardData:
-    """Card metadata: library, pipeline tag, tags, base model and a model-index with every finite headline metric."""
-    eval_results = [
-        EvalResult(
-            task_type="image-segmentation",
-            task_name="Semantic segmentation",
-            dataset_type=info.dataset_type,
-            dataset_name=info.dataset_name,
-            dataset_config=info.label_set.name,
-            dataset_split=split,
-            metric_type=key,
-            metric_name=name,
-            metric_value=round(float(values[key]), 6),
-        )
-        for split, values in info.metrics.items()
-        for key, name in CARD_INDEX_METRICS
-        if _finite(values.get(key))
-    ]
-    return ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-segmentation",
-        tags=list(CARD_TAGS),
-        base_model=info.base_model,
-        license=info.license,
-        datasets=["IDD"] if info.dataset_type == "idd" else None,
-        model_name=info.model_name,
-        eval_results=eval_results or None,
-    )
-
-
-def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
-
-
-def finetune_card_text(info: FinetuneCardInfo) -> str:
-    """The Markdown body of the card: data, selection, training set-up, metrics and per-class IoU, usage, limits."""
-    label_set = info.label_set
-    splits = list(info.metrics)
-    lines = [f"# {info.model_name}", ""]
-    if info.base_model:
-        origin = f"[{info.base_model}](https://huggingface.co/{info.base_model})"
-    else:
-        origin = "a tiny randomly initialised Mask2Former (the offline demo configuration)"
-    lines += [
-        f"Mask2Former fine-tuned for semantic segmentation of road scenes with the label set `{label_set.name}` "
-        f"({label_set.num_labels} classes), starting from {origin}. Trained with roadseg's `run_finetune.py`.",
-        "",
-        "## Data",
-        "",
-        f"- source: `{info.data_source}`" if info.data_source else f"- dataset: {info.dataset_name}",
-        "- images per split: " + ", ".join(f"{name} {count}" for name, count in info.split_sizes.items()),
-    ]
-    if info.split_description:
-        lines.append(f"- splits: {info.split_description}")
-    lines += ["", "## Labels", "", f"`config.json` maps ids to names (`id2label`, `label2id`); pixels labelled "
-              f"{IGNORE_INDEX} are ignored.", ""]
-    lines += _markdown_table(
-        ["id", "class", "colour"],
-        ([class_id, name, "#{:02x}{:02x}{:02x}".format(*label_set.colors[class_id])]
-         for class_id, name in sorted(label_set.id2label.items())),
-    )
-    lines += ["", "## Selection", ""]
-    if info.selection:
-        lines += [f"- {key}: {value}" for key, value in info.selection.items()]
-    else:
-        lines.append("No selection manifest: trained on every image of the train split.")
-    lines += ["", "## Training", ""]
-    frozen = ", ".join(f"`{name}`" for name in info.frozen_modules) or "none (full fine-tuning)"
-    lines.append(f"- frozen modules (no gradients, kept in eval mode): {frozen}")
-    lines += [f"- {key.replace('_', ' ')}: {value:,}" for key, value in info.parameter_counts.items()]
-    lines += ["", *_markdown_table(["hyper-parameter", "value"], info.hyperparameters.items())]
-    lines += ["", "## Results", ""]
-    if splits:
-        lines.append("Scored at the size of the original label maps; pixels labelled 255 are ignored.")
-        lines.append("")
-        summary_rows = [
-            [name, *(_number(info.metrics[split].get(key)) for split in splits)]
-            for key, name in CARD_SUMMARY_METRICS
-            if any(key in info.metrics[split] for split in splits)
-        ]
-        lines += _markdown_table(["metric", *splits], summary_rows)
-        lines += ["", "Per-class IoU (n/a: the class occurs in neither the references nor the predictions):", ""]
-        class_rows = [
-            [class_id, name, *(_number(info.metrics[split].get(f"iou_{name}")) for split in splits)]
-            for class_id, name in sorted(label_set.id2label.items())
-        ]
-        lines += _markdown_table(["id", "class", *splits], class_rows)
-    else:
-        lines.append("Not evaluated.")
-    if info.plots:
-        lines += ["", *(f"![{Path(plot).stem.replace('_', ' ')}]({plot})" for plot in info.plots)]
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'segmenter = pipeline("image-segmentation", model="{info.model_name}")',
-        '# one {"label": class name, "mask": PIL image} per class present in the prediction',
-        'masks = segmenter("street.jpg", subtask="semantic")',
-        "```",
-        "",
-        "## Intended use",
-        "",
-        "Research and prototyping of drivable-area and road-scene segmentation on street-level camera images, as "
-        "in the India Driving Dataset (IDD): pre-labelling, dataset analysis, and a starting point for further "
-        "fine-tuning.",
-        "",
-        "## Limitations",
-        "",
-        "Not validated for safety-critical use such as driving decisions. Accuracy depends on how close the input "
-        "is to the training data (camera, resolution, country, weather, lighting); rare classes score lower than "
-        "frequent ones, so check the per-class table. The scores above come from the splits named under Data, not "
-        "from the official IDD benchmark server.",
-        "",
-        "## License",
-        "",
-        "The weights inherit the terms of the base checkpoint"
-        + (f" ([{info.base_model}](https://huggingface.co/{info.base_model}))" if info.base_model else "")
-        + " and of the training data. IDD is distributed for non-commercial research under its own terms of use "
-        "(https://idd.insaan.iiit.ac.in/); check both before any other use.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def build_finetune_card(info: FinetuneCardInfo) -> ModelCard:
-    """The complete model card (YAML metadata with model-index, then the Markdown body)."""
-    return ModelCard(f"---\n{finetune_card_data(info).to_yaml()}\n---\n\n{finetune_card_text(info)}")
-
-
-def write_finetune_card(output_dir: str | os.PathLike[str], info: FinetuneCardInfo) -> Path:
-    """Write the card as ``output_dir/README.md`` (atomically) and return its path."""
-    return write_text_atomically(Path(output_dir) / "README.md", str(build_finetune_card(info)))
-
-
-def require_hub(purpose: str) -> None:
-    """Raise `HubPublishError` (one line naming ``purpose``) when the Hub cannot be reached, offline mode included."""
-    if not hub_is_reachable():
-        raise HubPublishError(f"{purpose}: the Hugging Face Hub is not reachable (offline, or HF_HUB_OFFLINE is set)")

@@ -1,10 +1,11 @@
-"""Loading or building Mask2Former (Hub id, local folder, offline tiny config), resizing the head, freezing."""
+"""Loading or building Mask2Former and its image processor: Hub id, local folder or offline tiny config."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import torch
 import transformers
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 from transformers.utils import is_torchvision_available
@@ -123,7 +124,7 @@ def load_model(
     return model
 
 
-def load_image_processor(model_name_or_path: str, shortest_edge: int | None = None, **kwargs):
+def load_image_processor(model_name_or_path: str, shortest_edge: int | None = None, **kwargs: Any) -> Any:
     """The image processor of a checkpoint (or a default one for ``tiny``), set to ignore label 255."""
     processor_cls = image_processor_class()
     overrides = {"ignore_index": IGNORE_INDEX, "do_reduce_labels": False, **kwargs}
@@ -143,95 +144,12 @@ def load_image_processor(model_name_or_path: str, shortest_edge: int | None = No
         ) from err
 
 
-FROZEN_PARTS = {
-    "backbone": "model.pixel_level_module.encoder",
-    "pixel_decoder": "model.pixel_level_module.decoder",
-}
-
-
-def frozen_modules(model: Mask2FormerForUniversalSegmentation, parts: tuple[str, ...]) -> list[torch.nn.Module]:
-    """The modules named by ``parts`` (``backbone``, ``pixel_decoder``), found by attribute, never by substring."""
-    modules = []
-    for part in parts:
-        if part not in FROZEN_PARTS:
-            raise ValueError(f"unknown part {part!r}; choose from {sorted(FROZEN_PARTS)}")
-        modules.append(model.get_submodule(FROZEN_PARTS[part]))
-    return modules
-
-
-def freeze(model: Mask2FormerForUniversalSegmentation, parts: tuple[str, ...]) -> dict[str, int]:
-    """Freeze ``parts`` (no gradients, eval mode) and return trainable and frozen parameter counts."""
-    for module in frozen_modules(model, parts):
-        module.requires_grad_(False)
-        module.eval()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"trainable_parameters": trainable, "frozen_parameters": frozen}
-
-
-def semantic_scores_for_image(
-    class_queries_logits: torch.Tensor,
-    masks_queries_logits: torch.Tensor,
-    target_size: tuple[int, int],
-    valid_size: tuple[int, int] | None = None,
-    input_size: tuple[int, int] | None = None,
-    query_chunk: int = 16,
-) -> torch.Tensor:
-    """Class scores (C, H, W) of one image at ``target_size`` from its (Q, C+1) class and (Q, h, w) mask logits.
-
-    Mask logits are upsampled straight to ``target_size`` (no fixed 384x384 step), ``query_chunk`` queries at a
-    time, so a 1080p map needs memory for the class scores, not for every query at full size. ``input_size`` is
-    the padded (H, W) fed to the model and ``valid_size`` the unpadded part of the image in it; the padding is
-    cropped away before the resize.
-    """
-    class_probs = class_queries_logits.softmax(dim=-1)[..., :-1]
-    mask_logits = masks_queries_logits
-    if valid_size is not None:
-        if input_size is None:
-            raise ValueError("valid_sizes needs the padded input_size")
-        # Cut the padded border in mask resolution first: rows/cols proportional to the valid part.
-        scale_h = mask_logits.shape[-2] / input_size[0]
-        scale_w = mask_logits.shape[-1] / input_size[1]
-        valid_h, valid_w = valid_size
-        crop_h, crop_w = max(1, round(valid_h * scale_h)), max(1, round(valid_w * scale_w))
-        mask_logits = mask_logits[:, :crop_h, :crop_w]
-    scores = None
-    for start in range(0, mask_logits.shape[0], query_chunk):
-        upsampled = torch.nn.functional.interpolate(
-            mask_logits[None, start : start + query_chunk], size=target_size, mode="bilinear", align_corners=False
-        )[0].sigmoid()
-        chunk_scores = torch.einsum("qc,qhw->chw", class_probs[start : start + query_chunk], upsampled)
-        scores = chunk_scores if scores is None else scores + chunk_scores
-    return scores
-
-
-def semantic_maps_from_outputs(
-    class_queries_logits: torch.Tensor,
-    masks_queries_logits: torch.Tensor,
-    target_sizes: list[tuple[int, int]],
-    valid_sizes: list[tuple[int, int]] | None = None,
-    input_size: tuple[int, int] | None = None,
-    query_chunk: int = 16,
-) -> list[torch.Tensor]:
-    """Per-image label maps at ``target_sizes``, upsampling mask logits directly (no fixed 384x384 step).
-
-    ``input_size`` is the padded (H, W) fed to the model and ``valid_sizes`` the unpadded part of each image
-    in it; see :func:`semantic_scores_for_image`. The maps are uint8 when every class id fits (at most 256
-    classes), int64 otherwise: a uint8 map is 8x smaller and is what the metric counts fastest.
-    """
-    if valid_sizes is not None and input_size is None:
-        raise ValueError("valid_sizes needs the padded input_size")
-    map_dtype = torch.uint8 if class_queries_logits.shape[-1] - 1 <= 256 else torch.long
-    return [
-        semantic_scores_for_image(
-            class_queries_logits[index],
-            masks_queries_logits[index],
-            target_size,
-            None if valid_sizes is None else valid_sizes[index],
-            input_size,
-            query_chunk,
-        )
-        .argmax(dim=0)
-        .to(map_dtype)
-        for index, target_size in enumerate(target_sizes)
-    ]
+def processor_shortest_edge(processor: Any) -> int | None:
+    """The shortest edge an image processor resizes to, or None when it has none."""
+    size = getattr(processor, "size", None) or {}
+    get = size.get if isinstance(size, Mapping) else lambda key: getattr(size, key, None)
+    if get("shortest_edge"):
+        return int(get("shortest_edge"))
+    if get("height") and get("width"):
+        return int(min(get("height"), get("width")))
+    return None

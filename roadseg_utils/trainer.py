@@ -1,10 +1,7 @@
 """`FrozenBackboneTrainer`: a `Trainer` that fine-tunes Mask2Former's decoder on six-key batches.
 
-Freezing. The backbone (``model.pixel_level_module.encoder``) and the pixel decoder
-(``model.pixel_level_module.decoder``) get ``requires_grad=False`` and are locked in eval mode: their ``train``
-method is replaced by one that always sets eval mode, so no later ``model.train()`` (the Trainer calls it before
-every step) can switch their dropout, drop-path or norm layers back. The Trainer's optimizer only takes parameters
-that require gradients.
+Freezing. ``frozen_parts`` (by default the backbone and the pixel decoder) are frozen and locked in eval mode with
+`roadseg_utils.freezing`; the Trainer's optimizer only takes parameters that require gradients.
 
 DDP. With the backbone frozen every trainable parameter receives a gradient on every step, even on a batch whose
 crops hold no labelled pixel (tests/test_trainer.py checks it), so ``find_unused_parameters`` is False and DDP skips
@@ -12,9 +9,9 @@ its graph walk. A trainable Swin backbone has one unused module, ``swin.layernor
 ``hidden_states_norms`` instead), so then the search is switched on. An explicit ``--ddp_find_unused_parameters``
 wins.
 
-Evaluation. ``prediction_step`` turns each batch into label maps at the size of ``original_segmentation_maps``
-(`semantic_maps_from_outputs`, padding cropped with the valid size read from ``pixel_mask``) and returns, instead of
-logits, one ``num_labels x num_labels`` confusion matrix per image. The Trainer's evaluation loop gathers these with
+Evaluation. ``prediction_step`` turns each batch into label maps at the size of ``original_segmentation_maps`` with
+`roadseg_utils.inference` (the same path as run_eval.py's) and returns, instead of logits, one
+``num_labels x num_labels`` confusion matrix per image. The Trainer's evaluation loop gathers these with
 ``accelerator.gather_for_metrics``, which drops the samples that were repeated to even out the last batch across
 processes, so `ConfusionMatrixMetrics` sums every image exactly once, on every rank, and nothing of size H x W is
 kept beyond one batch. ``eval_num_images`` in the metrics says how many images were counted.
@@ -43,39 +40,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .collator import MODEL_INPUT_KEYS, SegmentationCollator
+from .freezing import DEFAULT_FROZEN_PARTS, FROZEN_PARTS, freeze, frozen_modules, lock_eval_mode
+from .inference import semantic_maps_from_outputs, valid_sizes_of
 from .labels import IGNORE_INDEX, LabelSet
 from .metrics import StreamingConfusionMatrix, scalar_metrics
-from .modeling import FROZEN_PARTS, freeze, frozen_modules, semantic_maps_from_outputs
 
 logger = logging.get_logger(__name__)
-
-DEFAULT_FROZEN_PARTS = ("backbone", "pixel_decoder")
-
-
-class EvalModeLock:
-    """Replacement for a module's ``train`` method that keeps the module (and its children) in eval mode."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, mode: bool = True) -> nn.Module:
-        """Ignore ``mode`` and set eval mode."""
-        return nn.Module.train(self.module, False)
-
-
-def lock_eval_mode(modules: Sequence[nn.Module]) -> None:
-    """Put ``modules`` in eval mode and keep them there through any later ``train()`` of a parent."""
-    for module in modules:
-        module.eval()
-        # An instance attribute shadows nn.Module.train; parents call child.train(mode) and so reach it.
-        module.train = EvalModeLock(module)
-
-
-def unlock_eval_mode(modules: Sequence[nn.Module]) -> None:
-    """Undo `lock_eval_mode` (the modules stay in eval mode until the next ``train()``)."""
-    for module in modules:
-        if isinstance(module.__dict__.get("train"), EvalModeLock):
-            del module.__dict__["train"]
 
 
 class MeanMaskCount:
@@ -146,13 +116,6 @@ class EpochSeedCallback(TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Set the epoch from the trainer state (a resumed run restores it from the checkpoint)."""
         self.dataset.set_epoch(int(state.epoch or 0))
-
-
-def valid_sizes(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
-    """(height, width) of the real part of each image in a batch padded at the bottom and right."""
-    rows = pixel_mask.any(dim=2).sum(dim=1)
-    cols = pixel_mask.any(dim=1).sum(dim=1)
-    return [(int(h), int(w)) for h, w in zip(rows.tolist(), cols.tolist(), strict=True)]
 
 
 def per_image_confusion(
@@ -320,7 +283,7 @@ class FrozenBackboneTrainer(Trainer):
             outputs.class_queries_logits.float(),
             outputs.masks_queries_logits.float(),
             target_sizes=[tuple(np.shape(reference)[:2]) for reference in references],
-            valid_sizes=valid_sizes(inputs["pixel_mask"]),
+            valid_sizes=valid_sizes_of(inputs["pixel_mask"]),
             input_size=tuple(inputs["pixel_values"].shape[-2:]),
         )
         confusion = per_image_confusion(maps, references, self.num_labels, self.ignore_index)
@@ -333,3 +296,16 @@ class FrozenBackboneTrainer(Trainer):
             super().create_model_card(*args, **kwargs)
         elif self.is_world_process_zero():
             self.card_writer(self.args.output_dir)
+
+
+def final_evaluation_from_training(trainer: Trainer) -> dict[str, Any] | None:
+    """The validation metrics logged during training at its last step, if they describe the final weights."""
+    if trainer.args.load_best_model_at_end:
+        return None
+    for entry in reversed(trainer.state.log_history):
+        if "eval_mean_iou" in entry:
+            if entry.get("step") != trainer.state.global_step:
+                return None
+            logger.info(f"validation metrics of step {entry['step']} were logged during training; not evaluating again")
+            return {key: value for key, value in entry.items() if key.startswith("eval_") or key == "epoch"}
+    return None

@@ -20,6 +20,7 @@ import torch
 
 import run_eval
 import run_finetune
+from roadseg_utils.evaluation import json_safe
 from roadseg_utils.synthetic import generate_synthetic_idd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_validation_metrics_equal_a_single_process_evaluation(runs, single_proce
     assert "eval_mean_iou" in scores and len(scores) > 20
     for key in scores:
         # all_results.json holds NaN (a class in neither references nor predictions) as null.
-        assert distributed[key] == run_finetune.json_safe(single_process_metrics[key]), key
+        assert distributed[key] == json_safe(single_process_metrics[key]), key
 
 
 def test_run_eval_under_two_processes_equals_one_process(runs):

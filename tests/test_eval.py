@@ -21,16 +21,13 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 
-from roadseg_utils import hub, visualize
+from roadseg_utils import evaluation, hub, inference, visualize
+from roadseg_utils.card import FinetuneCardInfo, update_model_card_eval_results, write_finetune_card
 from roadseg_utils.data import DataSourceArguments, dataset_column, load_segmentation_dataset
+from roadseg_utils.inference import semantic_maps_from_outputs
 from roadseg_utils.labels import RAW_LABELS, idd_label_set
 from roadseg_utils.metrics import StreamingConfusionMatrix
-from roadseg_utils.modeling import (
-    image_processor_class,
-    load_image_processor,
-    load_model,
-    semantic_maps_from_outputs,
-)
+from roadseg_utils.modeling import image_processor_class, load_image_processor, load_model
 from roadseg_utils.synthetic import generate_synthetic_idd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +95,7 @@ def model_dir(tmp_path_factory):
             parameter.mul_(10)
     folder = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(folder)
-    # A small processor size keeps the default --eval_size (the checkpoint's) quick on a CPU.
+    # A small processor size keeps the default --eval_shortest_edge (the checkpoint's) quick on a CPU.
     load_image_processor("tiny", shortest_edge=PROCESSOR_EDGE).save_pretrained(folder)
     return folder
 
@@ -141,7 +138,7 @@ def test_cli_writes_every_output_with_expected_sizes(cli_run, test_split):
     for name in ("eval_results.json", "eval_report.md", "confusion_matrix.png", "per_class_iou.png"):
         assert (ev / name).is_file(), name
     assert results["num_images"] == len(dataset) > 0 and results["split"] == "test" and results["seed"] == SEED
-    assert results["eval_size"] == PROCESSOR_EDGE and results["tta"] == "none"  # the checkpoint processor's
+    assert results["eval_shortest_edge"] == PROCESSOR_EDGE and results["tta"] == "none"  # the checkpoint processor's
     assert [row["name"] for row in results["per_class"]] == list(LEVEL3.id2label.values())
     assert {"mean_iou", "mean_iou_level2", "mean_iou_level1", "overall_accuracy", "frequency_weighted_iou"} <= set(
         results
@@ -156,7 +153,7 @@ def test_cli_writes_every_output_with_expected_sizes(cli_run, test_split):
         assert picture.size == (round(width * 100), round(height * 100))
 
     overlays = sorted((ev / "overlays").iterdir())
-    chosen = run_eval.overlay_indices(len(paths), 8)
+    chosen = evaluation.overlay_indices(len(paths), 8)
     assert [p.name for p in overlays] == [f"{rank:03d}_{_frame(paths[i])}.png" for rank, i in enumerate(chosen)]
     for overlay in overlays:
         with Image.open(overlay) as picture:
@@ -196,7 +193,7 @@ def test_exported_predictions_score_to_the_reported_miou(cli_run, syn_dir, test_
 def test_overlay_panels_show_image_truth_and_prediction(cli_run, syn_dir, test_split):
     out, _ = cli_run
     _, paths, sequences = test_split
-    index = run_eval.overlay_indices(len(paths), 8)[0]
+    index = evaluation.overlay_indices(len(paths), 8)[0]
     path, sequence = paths[index], sequences[index]
     with Image.open(out / "ev" / "overlays" / f"000_{_frame(path)}.png") as picture:
         overlay = np.array(picture.convert("RGB"))
@@ -227,20 +224,20 @@ def test_model_card_gets_model_index_results(cli_run, model_dir):
     newer = EvalResult(task_type="image-segmentation", dataset_type=parsed[0].dataset_type,
                        dataset_name=parsed[0].dataset_name, dataset_config="idd-level3", dataset_split="test",
                        metric_type="mean_iou", metric_value=0.5)
-    hub.update_model_card_eval_results(copy, [newer], model_name="unused")
+    update_model_card_eval_results(copy, [newer], model_name="unused")
     again = ModelCard.load(copy).data.eval_results
     assert len(again) == len(parsed) and [r.metric_value for r in again if r.metric_type == "mean_iou"] == [0.5]
 
 
 def test_results_join_a_fine_tuning_card_without_losing_its_content(tmp_path):
-    card_path = hub.write_finetune_card(tmp_path, hub.FinetuneCardInfo(
+    card_path = write_finetune_card(tmp_path, FinetuneCardInfo(
         model_name="me/roadseg", label_set=LEVEL3, metrics={"validation": {"mean_iou": 0.25, "overall_accuracy": 0.5}}
     ))
     body = ModelCard.load(card_path).text
     test_result = EvalResult(task_type="image-segmentation", dataset_type="idd", dataset_name="IDD",
                              dataset_config="idd-level3", dataset_split="test", metric_type="mean_iou",
                              metric_value=0.2)
-    hub.update_model_card_eval_results(card_path, [test_result], model_name="ignored")
+    update_model_card_eval_results(card_path, [test_result], model_name="ignored")
     card = ModelCard.load(card_path)
     assert card.text == body and card.data.model_name == "me/roadseg"
     assert sorted((r.dataset_split, r.metric_type, r.metric_value) for r in card.data.eval_results) == [
@@ -303,7 +300,7 @@ def test_flip_tta_working_size_and_level2_export_on_mixed_sizes(mixed_sizes, mod
         "model_name_or_path": str(model_dir), "image_dir": str(mixed_sizes / "images"),
         "mask_dir": str(mixed_sizes / "masks"), "train_fraction": 0.0, "val_fraction": 0.0, "test_fraction": 1.0,
         "output_dir": str(tmp_path / "ev"), "export_predictions": str(tmp_path / "preds"), "export_level": 2,
-        "tta": "flip", "eval_size": 64, "working_size": 48, "batch_size": 5, "num_overlays": 0,
+        "tta": "flip", "eval_shortest_edge": 64, "working_size": 48, "batch_size": 5, "num_overlays": 0,
         "dataloader_num_workers": 0,
     }
     (tmp_path / "args.json").write_text(json.dumps(arguments))
@@ -333,9 +330,9 @@ def test_flip_tta_is_mirror_symmetric(model_dir):
 
     def predict(values, tta):
         batch = {"pixel_values": values, "pixel_mask": torch.ones(1, 64, 96, dtype=torch.long),
-                 "valid_sizes": [(64, 96)], "original_segmentation_maps": [label]}
+                 "original_segmentation_maps": [label]}
         with torch.inference_mode():
-            return run_eval.predict_batch(model, batch, Accelerator(), tta)[0]
+            return inference.predict_batch(model, batch, Accelerator(), tta)[0]
 
     averaged = predict(pixel_values, "flip")
     assert averaged.shape == label.shape and averaged.dtype == torch.uint8
@@ -344,7 +341,7 @@ def test_flip_tta_is_mirror_symmetric(model_dir):
 
 def test_shards_cover_every_image_once_with_equal_batch_counts():
     for num_items, num_processes in ((7, 2), (2, 3), (9, 3)):
-        shards = [run_eval.shard_positions(num_items, num_processes, rank) for rank in range(num_processes)]
+        shards = [evaluation.shard_positions(num_items, num_processes, rank) for rank in range(num_processes)]
         real = sorted(i for positions, count in shards for i in positions[:count])
         assert real == list(range(num_items))
         assert len({len(positions) for positions, _ in shards}) == 1

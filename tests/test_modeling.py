@@ -1,4 +1,4 @@
-"""Loading, building, head resizing and freezing of Mask2Former."""
+"""Loading, building, head resizing and freezing of Mask2Former, and its outputs turned into label maps."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as hf_logging
 
 from roadseg_utils import modeling
+from roadseg_utils.freezing import freeze
 from roadseg_utils.labels import idd_label_set, load_id2label_file
-from roadseg_utils.modeling import ModelLoadError, freeze, load_image_processor, load_model
+from roadseg_utils.modeling import ModelLoadError, load_image_processor, load_model
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,8 @@ def test_freeze_by_attribute_not_by_name(saved_tiny):
 def test_semantic_maps_match_upstream_at_its_working_size():
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 
-    from roadseg_utils.modeling import image_processor_class, semantic_maps_from_outputs
+    from roadseg_utils.inference import semantic_maps_from_outputs
+    from roadseg_utils.modeling import image_processor_class
 
     generator = torch.Generator().manual_seed(0)
     class_logits = torch.randn(2, 10, 6, generator=generator)
@@ -118,7 +120,7 @@ def test_semantic_maps_match_upstream_at_its_working_size():
 
 
 def test_semantic_maps_crop_padding_before_resizing():
-    from roadseg_utils.modeling import semantic_maps_from_outputs
+    from roadseg_utils.inference import semantic_maps_from_outputs
 
     # One query covers the left half of the valid 64x32 region with class 1; everything else is class 0.
     mask_logits = torch.full((1, 2, 16, 16), -20.0)

@@ -1,0 +1,191 @@
+"""Scoring a checkpoint on a split (run_eval.py): the label set to score with, shards, and the results it writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import write_text_atomically
+from .data import dataset_column, idd_frame_name
+from .labels import IDD_LEVELS, LabelSet, custom_label_set, get_label_set, idd_label_set
+from .metrics import constant_prediction_mean_iou
+from .visualize import render_overlay, save_png_atomically, save_score_charts
+
+
+class EvalInputError(ValueError):
+    """Arguments or inputs that cannot be evaluated; the message is one line a user can act on."""
+
+
+def class_names(id2label: Mapping[Any, str]) -> list[str]:
+    """The class names of ``id2label`` in id order (keys may be ints or strings, as in a model config)."""
+    return [str(id2label[key]) for key in sorted(id2label, key=int)]
+
+
+def _describe(names: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"{len(names)} classes ({shown})"
+
+
+def resolve_label_set(model_id2label: Mapping[Any, str], requested: str | None, model_name: str) -> LabelSet:
+    """The label set to score with: ``requested`` if it matches the model's classes, else the one they name.
+
+    Without a request, an IDD level whose names equal the model's is used (its colours and coarser levels come
+    along); any other head becomes a custom label set. A request that disagrees with the model is an error
+    naming both.
+    """
+    model_names = class_names(model_id2label)
+    if requested is not None:
+        label_set = get_label_set(requested)
+        data_names = class_names(label_set.id2label)
+        if data_names != model_names:
+            raise EvalInputError(
+                f"the model {model_name} predicts {_describe(model_names)} but the data's label set {label_set.name} "
+                f"has {_describe(data_names)}; pass the --label_set the model was trained with, or leave it out"
+            )
+        return label_set
+    for level in IDD_LEVELS:
+        candidate = idd_label_set(level)
+        if class_names(candidate.id2label) == model_names:
+            return candidate
+    return custom_label_set(Path(model_name).name or model_name, dict(enumerate(model_names)))
+
+
+def shard_positions(num_items: int, num_processes: int, process_index: int) -> tuple[list[int], int]:
+    """This process's item indices (strided) padded to the same length on every process, and how many are real.
+
+    Every process then runs the same number of batches, so per-batch collectives line up; the padding repeats
+    a real index and is never counted.
+    """
+    mine = list(range(process_index, num_items, num_processes))
+    length = math.ceil(num_items / num_processes)
+    filler = mine[-1] if mine else 0
+    return mine + [filler] * (length - len(mine)), len(mine)
+
+
+def overlay_indices(num_items: int, num_overlays: int) -> list[int]:
+    """``num_overlays`` image indices spread evenly over the split (first and last included)."""
+    if num_items == 0 or num_overlays == 0:
+        return []
+    return sorted({int(v) for v in np.linspace(0, num_items - 1, min(num_overlays, num_items)).round()})
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (in dicts too), so the JSON written is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    return value
+
+
+def _finite(value: Any) -> float | None:
+    return json_safe(float(value))
+
+
+def build_results(
+    confusion: np.ndarray, metrics: Mapping[str, Any], label_set: LabelSet, run: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The eval_results.json payload: run facts, summary metrics, per-class rows and the confusion matrix."""
+    pixels = confusion.sum(axis=1)
+    total = int(pixels.sum())
+    per_class = [
+        {
+            "id": index,
+            "name": label_set.id2label[index],
+            "iou": _finite(metrics["per_category_iou"][index]),
+            "accuracy": _finite(metrics["per_category_accuracy"][index]),
+            "pixel_share": pixels[index] / total if total else None,
+            "pixels": int(pixels[index]),
+        }
+        for index in range(label_set.num_labels)
+    ]
+    summary = {key: _finite(value) for key, value in metrics.items() if np.ndim(value) == 0
+               and not key.startswith(("iou_", "accuracy_"))}
+    coarse = {}
+    for level, names in label_set.coarser_names.items():
+        values = metrics.get(f"per_category_iou_{level}")
+        if values is not None:
+            coarse[level] = {names[i]: _finite(v) for i, v in enumerate(values)}
+    return {
+        **run,
+        **summary,
+        "per_class": per_class,
+        "per_category_iou_coarser": coarse,
+        "labelled_pixels": total,
+        "constant_baseline_mean_iou": _finite(constant_prediction_mean_iou(confusion)),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def render_report(results: Mapping[str, Any]) -> str:
+    """eval_report.md: a summary and the per-class table (IoU, accuracy, pixel share)."""
+    lines = [
+        f"# Evaluation of `{results['model']}`",
+        "",
+        f"Data: `{results['data']}`, split **{results['split']}**, {results['num_images']} images, "
+        f"label set {results['label_set']}; eval shortest edge {results['eval_shortest_edge'] or 'original'}, "
+        f"working size {results['working_size'] or 'ground-truth size'}, TTA {results['tta']}, seed {results['seed']}.",
+        "",
+        "| metric | value (%) |",
+        "| --- | ---: |",
+        f"| mIoU | {_percent(results['mean_iou'])} |",
+    ]
+    for key, name in (("mean_iou_level2", "mIoU level 2"), ("mean_iou_level1", "mIoU level 1")):
+        if key in results:
+            lines.append(f"| {name} | {_percent(results[key])} |")
+    lines += [
+        f"| pixel accuracy | {_percent(results['overall_accuracy'])} |",
+        f"| mean class accuracy | {_percent(results['mean_accuracy'])} |",
+        f"| frequency-weighted IoU | {_percent(results['frequency_weighted_iou'])} |",
+        "",
+        "## Per class",
+        "",
+        "| id | class | IoU (%) | accuracy (%) | pixel share (%) |",
+        "| ---: | --- | ---: | ---: | ---: |",
+    ]
+    for row in results["per_class"]:
+        lines.append(f"| {row['id']} | {row['name']} | {_percent(row['iou'])} | {_percent(row['accuracy'])} | "
+                     f"{_percent(row['pixel_share'])} |")
+    lines += [
+        "",
+        "IoU = TP / (TP + FP + FN) over all pixels of the split; accuracy = TP / ground-truth pixels of the class; "
+        "pixel share = the class's share of the labelled ground-truth pixels. Pixels labelled 255 are ignored. "
+        "— marks a class absent from the ground truth (accuracy) or from both ground truth and predictions (IoU); "
+        "it is left out of the means, while a class that is only predicted counts with IoU 0.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(
+    output_dir: Path,
+    results: Mapping[str, Any],
+    matrix: np.ndarray,
+    metrics: Mapping[str, Any],
+    label_set: LabelSet,
+    dataset: Any,
+    overlays: Sequence[int],
+    overlay_predictions: Mapping[int, np.ndarray],
+) -> None:
+    """eval_results.json, eval_report.md, the confusion matrix and IoU chart, and the overlays of ``dataset``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomically(output_dir / "eval_report.md", render_report(results))
+    title = f"{results['model']} on {results['split']} ({results['num_images']} images)"
+    save_score_charts(
+        matrix, metrics, label_set, title, output_dir / "confusion_matrix.png", output_dir / "per_class_iou.png"
+    )
+    paths = dataset_column(dataset, "path")
+    for rank, index in enumerate(overlays):
+        row = dataset[index]
+        picture = render_overlay(np.asarray(row["image"]), row["label"], overlay_predictions[index], label_set)
+        save_png_atomically(picture, output_dir / "overlays" / f"{rank:03d}_{idd_frame_name(paths[index])}.png")
