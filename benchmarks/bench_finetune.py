@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -28,13 +27,16 @@ from typing import Any
 
 import torch
 
+from benchmarks.collator_vs_processor import compare_with_processor
+from benchmarks.timing import time_passes
 from roadseg_utils.cli import parse_size
 from roadseg_utils.collator import SegmentationCollator
 from roadseg_utils.data import DataSourceArguments, load_segmentation_dataset, with_sample_transform
+from roadseg_utils.freezing import DEFAULT_FROZEN_PARTS, freeze, frozen_modules, lock_eval_mode
 from roadseg_utils.labels import idd_label_set
-from roadseg_utils.modeling import TINY_MODEL, freeze, frozen_modules, load_image_processor, load_model
+from roadseg_utils.modeling import TINY_MODEL, load_image_processor, load_model
 from roadseg_utils.synthetic import generate_synthetic_idd
-from roadseg_utils.trainer import DEFAULT_FROZEN_PARTS, EpochSeededDataset, lock_eval_mode
+from roadseg_utils.trainer import EpochSeededDataset
 from roadseg_utils.transforms import build_train_transforms, make_transform_fn
 
 DEFAULT_DATA_DIR = "data/bench_finetune_1080p"
@@ -106,18 +108,18 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
         "class_labels": batch["class_labels"],
     }
     ready_mb = resident_mb()
-    times = []
-    for _ in range(spec["steps"] + 1):
-        start = time.perf_counter()
+
+    def step() -> None:
         loss = model(**inputs, mask_labels=[masks.to(torch.float32) for masks in batch["mask_labels"]]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+
+    timing = time_passes(step, spec["steps"], warmup=step)
     return {
         **counts,
-        "step_s": statistics.median(times[1:]),
-        "step_times_s": [round(t, 3) for t in times],
+        "step_s": timing.median,
+        "step_times_s": [round(t, 3) for t in [timing.warmup_s, *timing.wall_s]],
         "ready_rss_mb": ready_mb,
         "peak_rss_mb": peak_mb(),
         "step_memory_mb": peak_mb() - ready_mb,
@@ -214,10 +216,8 @@ def main() -> None:
             run_isolated({**swin, "frozen": True}), run_isolated({**swin, "frozen": False}),
         )
 
-    from benchmarks.bench_collator import bench_collator
-
     height, width = parse_size(args.crop_size)
-    collated = bench_collator(batch_size=args.batch_size, height=height, width=width)
+    collated = compare_with_processor(batch_size=args.batch_size, height=height, width=width)
     print(f"\ncollator against Mask2FormerImageProcessor, batch {args.batch_size} x {args.crop_size} "
           f"({collated['mean_masks_per_image']:.1f} masks per image, identical masks and classes)")
     print(f"  SegmentationCollator {collated['collator_s'] * 1000:.1f} ms, image processor "

@@ -9,7 +9,6 @@ like; absolute times move with the load of the machine.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +16,13 @@ import cv2
 import numpy as np
 import torch
 
+from benchmarks.timing import time_passes
 from roadseg_utils.labels import IGNORE_INDEX
 from roadseg_utils.metrics import NUM_CODES, StreamingConfusionMatrix, per_category_iou
 
 AGREEMENT = 0.7
 IGNORE_SHARE = 0.05
+WARMUP_MAPS = 3
 
 
 def make_maps(
@@ -39,17 +40,6 @@ def make_maps(
         predictions.append(prediction)
         references.append(reference)
     return predictions, references
-
-
-def median_time(fn: Callable[[int], Any], num_maps: int, repeats: int, warmup_maps: int = 3) -> tuple[float, Any]:
-    """Median wall time of ``repeats`` passes of ``fn`` over ``num_maps`` maps after a short warm-up, and a result."""
-    fn(min(warmup_maps, num_maps))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn(num_maps)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
 
 
 def histogram_iou(predictions: list[np.ndarray], references: list[np.ndarray], num_classes: int) -> np.ndarray:
@@ -107,7 +97,8 @@ def bench_metrics(
         return joint.reshape(NUM_CODES, NUM_CODES)[:num_classes, :num_classes]
 
     def timed(fn: Callable[[int], Any]) -> tuple[float, Any]:
-        return median_time(fn, num_maps, repeats)
+        timing = time_passes(lambda: fn(num_maps), repeats, warmup=lambda: fn(min(WARMUP_MAPS, num_maps)))
+        return timing.median, timing.result
 
     ours_s, counts = timed(ours(predictions, references))
     threads = cv2.getNumThreads()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging as std_logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,10 +35,16 @@ import numpy as np
 from PIL import Image
 
 import run_selection
-from roadseg_utils import selection
+from benchmarks.timing import Timing, time_passes
 from roadseg_utils.data import DataSourceArguments
 from roadseg_utils.labels import get_label_set
-from roadseg_utils.selection import CACHE_FILE, SelectionArguments, compute_class_stats, load_candidate_pool
+from roadseg_utils.selection import (
+    CACHE_FILE,
+    SelectionArguments,
+    class_stats,
+    compute_class_stats,
+    load_candidate_pool,
+)
 from roadseg_utils.synthetic import LABEL_SUFFIX, generate_synthetic_idd
 
 FIT_SIZES = (500, 1000, 2000, 4000, 8000)
@@ -86,12 +91,12 @@ def symlink_tree(source: Path, target: Path, count: int) -> Path:
 @contextmanager
 def histograms_from(known: dict[str, np.ndarray]) -> Iterator[None]:
     """Within the block, the selection reads a label map's histogram from ``known`` (by real path)."""
-    original = selection.label_histogram
-    selection.label_histogram = lambda path, level=3: known[os.path.realpath(path)]
+    original = class_stats.label_histogram
+    class_stats.label_histogram = lambda path, level=3: known[os.path.realpath(path)]
     try:
         yield
     finally:
-        selection.label_histogram = original
+        class_stats.label_histogram = original
 
 
 def prime_cache(tree: Path, output_dir: Path, known: dict[str, np.ndarray]) -> None:
@@ -103,46 +108,38 @@ def prime_cache(tree: Path, output_dir: Path, known: dict[str, np.ndarray]) -> N
         compute_class_stats(pool, label_set, output_dir / CACHE_FILE, num_workers=1, progress=False)
 
 
-def cpu_seconds() -> float:
-    """User and system CPU seconds of this process and its finished children."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def run_once(data_dir: Path, output_dir: Path, workers: int, budget: int, weights: tuple[float, float, float],
-             fresh: bool) -> tuple[float, float]:
-    """Wall and CPU seconds of one in-process selection (``fresh`` removes the output folder and cache first)."""
-    if fresh:
-        shutil.rmtree(output_dir, ignore_errors=True)
+def time_selection(data_dir: Path, output_dir: Path, workers: int, budget: int,
+                   weights: tuple[float, float, float], fresh: bool, repeats: int) -> Timing:
+    """``repeats`` in-process selections (``fresh`` removes the output folder and cache before each, untimed)."""
     data_args = DataSourceArguments(data_dir=str(data_dir), num_workers=workers)
     alpha, beta, gamma = weights
     selection_args = SelectionArguments(output_dir=str(output_dir), num_images=budget, alpha=alpha, beta=beta,
                                         gamma=gamma)
-    start, cpu_start = time.perf_counter(), cpu_seconds()
-    outputs = run_selection.run(data_args, selection_args)
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    expected_decodes = outputs["num_candidates"] if fresh else 0
-    if outputs["decoded"] != expected_decodes:
-        raise RuntimeError(f"expected {expected_decodes} decoded label maps, got {outputs['decoded']}")
-    return elapsed, cpu
+
+    def select() -> None:
+        outputs = run_selection.run(data_args, selection_args)
+        expected_decodes = outputs["num_candidates"] if fresh else 0
+        if outputs["decoded"] != expected_decodes:
+            raise RuntimeError(f"expected {expected_decodes} decoded label maps, got {outputs['decoded']}")
+
+    def clear_output() -> None:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+    return time_passes(select, repeats, setup=clear_output if fresh else None)
 
 
-def decode_all(paths: list[Path]) -> tuple[float, float]:
-    """Wall and CPU seconds to decode every label PNG with PIL in this process."""
-    start, cpu_start = time.perf_counter(), cpu_seconds()
+def decode_with_pil(paths: list[Path]) -> None:
+    """Decode every label PNG with PIL in this process."""
     for path in paths:
         with Image.open(path) as image:
             image.load()
-    return time.perf_counter() - start, cpu_seconds() - cpu_start
 
 
-def decode_all_opencv(paths: list[Path]) -> tuple[float, float]:
-    """Wall and CPU seconds to decode every label PNG with OpenCV in this process."""
-    start, cpu_start = time.perf_counter(), cpu_seconds()
+def decode_with_opencv(paths: list[Path]) -> None:
+    """Decode every label PNG with OpenCV in this process."""
     for path in paths:
         if cv2.imread(str(path), cv2.IMREAD_UNCHANGED) is None:
             raise RuntimeError(f"OpenCV cannot decode {path}")
-    return time.perf_counter() - start, cpu_seconds() - cpu_start
 
 
 def main() -> None:
@@ -164,16 +161,15 @@ def main() -> None:
     for path in labels:  # page cache, so every figure times decoding rather than the disk
         path.read_bytes()
     warm = symlink_tree(data, work_dir / "trees" / "n20", 20)
-    run_once(warm, runs / "warmup", 1, 5, (0.4, 0.4, 0.2), fresh=True)
+    time_selection(warm, runs / "warmup", 1, 5, (0.4, 0.4, 0.2), fresh=True, repeats=1)
 
     load_before = os.getloadavg()
-    decode = min(decode_all(labels) for _ in range(args.repeats))
-    decode_opencv = min(decode_all_opencv(labels) for _ in range(args.repeats))
-    serial = min(run_once(data, runs / "serial", 1, budget, (0.4, 0.4, 0.2), fresh=True) for _ in range(args.repeats))
-    parallel = min(run_once(data, runs / "parallel", args.workers, budget, (0.4, 0.4, 0.2), fresh=True)
-                   for _ in range(args.repeats))
-    rerun = min(run_once(data, runs / "parallel", 1, budget, (0.1, 0.7, 0.2), fresh=False)
-                for _ in range(args.repeats))
+    decode = time_passes(lambda: decode_with_pil(labels), args.repeats)
+    decode_opencv = time_passes(lambda: decode_with_opencv(labels), args.repeats)
+    serial = time_selection(data, runs / "serial", 1, budget, (0.4, 0.4, 0.2), fresh=True, repeats=args.repeats)
+    parallel = time_selection(data, runs / "parallel", args.workers, budget, (0.4, 0.4, 0.2), fresh=True,
+                              repeats=args.repeats)
+    rerun = time_selection(data, runs / "parallel", 1, budget, (0.1, 0.7, 0.2), fresh=False, repeats=args.repeats)
     label_set = get_label_set("idd-level3")
     stats = compute_class_stats(load_candidate_pool(DataSourceArguments(data_dir=str(data)), label_set), label_set,
                                 runs / "parallel" / CACHE_FILE, progress=False)
@@ -182,8 +178,8 @@ def main() -> None:
     for size in FIT_SIZES:
         tree = symlink_tree(data, work_dir / "trees" / f"n{size}", size)
         prime_cache(tree, runs / f"fit{size}", known)
-        fit_times.append(min(run_once(tree, runs / f"fit{size}", 1, size // 5, (0.0, 1.0, 0.0), fresh=False)[0]
-                             for _ in range(args.repeats)))
+        fit_times.append(time_selection(tree, runs / f"fit{size}", 1, size // 5, (0.0, 1.0, 0.0), fresh=False,
+                                        repeats=args.repeats).min)
     slope, intercept = np.polyfit(FIT_SIZES, fit_times, 1)
     load_after = os.getloadavg()
 
@@ -207,11 +203,12 @@ def main() -> None:
             ("(b) selection end to end, one process, no cache", serial),
             (f"(c) selection end to end, {args.workers} processes, no cache", parallel),
             ("(d) cached rerun with other weights, one process", rerun)]
-    for name, (seconds, cpu) in rows:
-        print(f"{name:58s} {seconds:9.2f} {1000 * seconds / n:7.2f} {cpu:8.2f}")
-    print(f"b/a = {serial[0] / decode[0]:.2f} (target <= 1.3; CPU {serial[1] / decode[1]:.2f}); "
-          f"b/a' = {serial[0] / decode_opencv[0]:.2f} (CPU {serial[1] / decode_opencv[1]:.2f}); "
-          f"b/c = {serial[0] / parallel[0]:.2f} (target >= 1.6 on 2 cores; CPU c/b {parallel[1] / serial[1]:.2f})")
+    for name, timing in rows:
+        print(f"{name:58s} {timing.min:9.2f} {1000 * timing.min / n:7.2f} {timing.cpu_of_fastest:8.2f}")
+    print(f"b/a = {serial.min / decode.min:.2f} (target <= 1.3; CPU "
+          f"{serial.cpu_of_fastest / decode.cpu_of_fastest:.2f}); b/a' = {serial.min / decode_opencv.min:.2f} (CPU "
+          f"{serial.cpu_of_fastest / decode_opencv.cpu_of_fastest:.2f}); b/c = {serial.min / parallel.min:.2f} "
+          f"(target >= 1.6 on 2 cores; CPU c/b {parallel.cpu_of_fastest / serial.cpu_of_fastest:.2f})")
     print("(d) on trees of " + ", ".join(f"{s}: {t:.2f} s" for s, t in zip(FIT_SIZES, fit_times, strict=True)))
     print(f"linear fit: t = {intercept:.3f} s + {1000 * slope:.4f} ms x N -> {EXTRAPOLATE_TO} images: "
           f"{intercept + slope * EXTRAPOLATE_TO:.2f} s (target <= 2 s)")

@@ -1,19 +1,15 @@
-"""Streaming confusion-matrix metrics for semantic segmentation (mIoU and friends), as an offline `evaluate` module.
+"""Counting a segmentation confusion matrix map by map (StreamingConfusionMatrix), and summing it over ranks.
 
-Semantics (DESIGN.md, "Metric semantics"): pixels whose reference is ``ignore_index`` are dropped; the confusion
-matrix ``C`` is true x predicted; ``IoU_c = C_cc / (row_c + col_c - C_cc)``; a class whose denominator is zero is
-NaN and left out of every mean. Coarser levels (IDD level 2 and 1) are scored from the same matrix by summing its
-rows and columns into the coarse groups, as the official IDD evaluation does.
+The metrics computed from the matrix live in `confusion_metrics` and are importable from here too, so callers import
+everything from ``roadseg_utils.metrics``. Semantics: docs/DESIGN.md, "Metric semantics".
 
 Counting is a 256 x 256 joint histogram of (reference, prediction) value pairs of uint8 maps per update. It needs no
 masking pass (ignore pixels land in their own row), and any value outside the label set shows up as counts outside
 the ``num_labels`` x ``num_labels`` block, so validation is free. Host maps are counted by OpenCV's two-channel
-``calcHist``, split into a few flat chunks counted on a thread pool (OpenCV releases the GIL). Measured on this
-project's 2-core CPU for a 1080x1920 map: ``calcHist`` in two threads ~2-3 ms, in one ~3.3 ms, ``np.bincount`` on
-the combined uint16 code ``(reference << 8) | prediction`` ~6 ms (it widens the code to int64 first),
-``torch.bincount`` on it ~9 ms (int32) to ~145 ms (int64), masking first and then counting ``26 * ref + pred``
-~17 ms (numpy) / ~130 ms (torch). Tensors on an accelerator are counted with ``torch.bincount`` on their own device
-and never leave it.
+``calcHist``, split into a few flat chunks counted on a thread pool (OpenCV releases the GIL); it beat
+``np.bincount`` and ``torch.bincount`` on the combined code ``(reference << 8) | prediction`` and masking before
+counting (see BENCHMARKS.md). Tensors on an accelerator are counted with ``torch.bincount`` on their own device and
+never leave it.
 
 Distributed use: in the ``Trainer`` with ``batch_eval_metrics=True`` the predictions and labels handed to
 ``compute_metrics`` are already gathered from every rank, so each rank's matrix is complete and must not be summed
@@ -33,7 +29,30 @@ import cv2
 import numpy as np
 import torch
 
+from .confusion_metrics import (
+    coarsen_confusion,
+    compute_segmentation_metrics,
+    constant_prediction_mean_iou,
+    per_category_iou,
+    scalar_metrics,
+)
 from .labels import IGNORE_INDEX
+
+__all__ = [
+    "MAX_CHUNK_PIXELS",
+    "MIN_THREADED_CHUNK_PIXELS",
+    "NUM_CODES",
+    "OUT_OF_RANGE_BIN",
+    "StreamingConfusionMatrix",
+    "all_reduce_confusion",
+    "coarsen_confusion",
+    "compute_segmentation_metrics",
+    "constant_prediction_mean_iou",
+    "joint_counts_numpy",
+    "joint_counts_torch",
+    "per_category_iou",
+    "scalar_metrics",
+]
 
 NUM_CODES = 256
 OUT_OF_RANGE_BIN = NUM_CODES * NUM_CODES
@@ -99,7 +118,7 @@ def joint_counts_numpy(predictions: np.ndarray, references: np.ndarray) -> np.nd
     chunks = [(refs[start:stop], preds[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
     if num_threads == 1:
         return sum(_pair_histogram(ref_chunk, pred_chunk) for ref_chunk, pred_chunk in chunks)
-    # The caller counts the first chunk while the pool counts the rest: 2.0 against 2.5 ms per 1080x1920 map here.
+    # The caller counts the first chunk while the pool counts the rest, which beat handing every chunk to the pool.
     pool = _histogram_pool(os.getpid(), num_threads)
     pending = [pool.submit(_pair_histogram, ref_chunk, pred_chunk) for ref_chunk, pred_chunk in chunks[1:]]
     counts = _pair_histogram(*chunks[0])
@@ -328,297 +347,3 @@ def all_reduce_confusion(matrix: np.ndarray | torch.Tensor, accelerator: Any = N
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     tensor = tensor.to(source_device)
     return tensor.numpy() if as_numpy else tensor
-
-
-def _as_confusion(confusion: np.ndarray | torch.Tensor) -> np.ndarray:
-    counts = confusion.detach().cpu().numpy() if isinstance(confusion, torch.Tensor) else np.asarray(confusion)
-    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] == 0:
-        raise ValueError(f"a confusion matrix must be square and non-empty, got shape {counts.shape}")
-    if not np.issubdtype(counts.dtype, np.integer):
-        raise ValueError(f"a confusion matrix holds integer counts, got dtype {counts.dtype}")
-    if (counts < 0).any():
-        raise ValueError("a confusion matrix cannot hold negative counts")
-    return counts.astype(np.int64, copy=False)
-
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Element-wise ``numerator / denominator`` with NaN where the denominator is zero."""
-    out = np.full(np.shape(denominator), np.nan)
-    np.divide(numerator, denominator, out=out, where=denominator > 0)
-    return out
-
-
-def _mean_present(values: np.ndarray) -> float:
-    present = values[~np.isnan(values)]
-    return float(present.mean()) if present.size else float("nan")
-
-
-def per_category_iou(confusion: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per-class IoU, C_cc / (row_c + col_c - C_cc); NaN for a class in neither references nor predictions."""
-    counts = _as_confusion(confusion)
-    hits = np.diag(counts)
-    return _ratio(hits, counts.sum(axis=1) + counts.sum(axis=0) - hits)
-
-
-def coarsen_confusion(confusion: np.ndarray | torch.Tensor, mapping: Mapping[int, int]) -> np.ndarray:
-    """Sum the rows and columns of a fine confusion matrix into coarse groups given as ``{fine_id: coarse_id}``."""
-    counts = _as_confusion(confusion)
-    num_fine = counts.shape[0]
-    missing = sorted(set(range(num_fine)) - {int(k) for k in mapping})
-    if missing:
-        raise ValueError(f"the coarse mapping has no group for fine classes {missing}")
-    groups = np.array([int(mapping[fine]) for fine in range(num_fine)])
-    if (groups < 0).any():
-        raise ValueError(f"coarse ids must be non-negative, got {sorted(set(groups[groups < 0].tolist()))}")
-    membership = np.zeros((num_fine, int(groups.max()) + 1), dtype=np.int64)
-    membership[np.arange(num_fine), groups] = 1
-    return membership.T @ counts @ membership
-
-
-def constant_prediction_mean_iou(confusion: np.ndarray) -> float:
-    """The mIoU of the best constant prediction (the most frequent true class everywhere): a floor to beat."""
-    rows = np.asarray(confusion, dtype=np.float64).sum(axis=1)
-    total, present = rows.sum(), np.count_nonzero(rows)
-    # Predicting class c everywhere gives IoU_c = row_c / total, and 0 for every other class in the ground truth.
-    return float(rows.max() / total / present) if total else float("nan")
-
-
-def compute_segmentation_metrics(
-    confusion: np.ndarray | torch.Tensor,
-    id2label: Mapping[int, str] | None = None,
-    coarser: Mapping[str, Mapping[int, int]] | None = None,
-) -> dict[str, Any]:
-    """mIoU, per-class IoU and accuracy, pixel accuracy, mean accuracy, frequency-weighted IoU (+ coarser mIoUs).
-
-    Per-class values are float64 arrays with NaN for classes whose denominator is zero; every mean leaves NaN out.
-    With ``id2label``, also one float per class as ``iou_<name>`` and ``accuracy_<name>``. With ``coarser`` (e.g.
-    ``LabelSet.coarser``), ``mean_iou_<level>`` and ``per_category_iou_<level>`` from the aggregated matrix.
-    """
-    counts = _as_confusion(confusion)
-    num_labels = counts.shape[0]
-    hits = np.diag(counts)
-    reference_totals = counts.sum(axis=1)
-    total = reference_totals.sum()
-    iou = per_category_iou(counts)
-    accuracy = _ratio(hits, reference_totals)
-    # Classes with a NaN IoU have no reference pixels, hence zero weight.
-    frequency = reference_totals / total if total else np.zeros(num_labels)
-    results: dict[str, Any] = {
-        "mean_iou": _mean_present(iou),
-        "mean_accuracy": _mean_present(accuracy),
-        "overall_accuracy": float(hits.sum() / total) if total else float("nan"),
-        "frequency_weighted_iou": float(np.nansum(frequency * iou)) if total else float("nan"),
-        "per_category_iou": iou,
-        "per_category_accuracy": accuracy,
-    }
-    if id2label is not None:
-        ids = {int(k) for k in id2label}
-        if ids != set(range(num_labels)):
-            raise ValueError(f"id2label must name the classes 0..{num_labels - 1}, got ids {sorted(ids)}")
-        names = {int(k): str(v) for k, v in id2label.items()}
-        for index in range(num_labels):
-            results[f"iou_{names[index]}"] = float(iou[index])
-            results[f"accuracy_{names[index]}"] = float(accuracy[index])
-    for level, mapping in (coarser or {}).items():
-        coarse_iou = per_category_iou(coarsen_confusion(counts, mapping))
-        results[f"mean_iou_{level}"] = _mean_present(coarse_iou)
-        results[f"per_category_iou_{level}"] = coarse_iou
-    return results
-
-
-def scalar_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """Only the scalar entries of a metrics dict (what the Trainer logs), as Python floats."""
-    return {key: float(value) for key, value in results.items() if np.ndim(value) == 0}
-
-
-def _eval_pred_parts(eval_pred: Any) -> tuple[Any, Any]:
-    if hasattr(eval_pred, "predictions") and hasattr(eval_pred, "label_ids"):
-        return eval_pred.predictions, eval_pred.label_ids
-    predictions, references = eval_pred
-    return predictions, references
-
-
-class BatchedSegmentationMetric:
-    """A Trainer ``compute_metrics`` for ``batch_eval_metrics=True`` that streams maps into a confusion matrix.
-
-    Each call takes ``eval_pred`` (an ``EvalPrediction`` or a ``(predictions, references)`` pair) whose predictions
-    and label ids are per-image predicted and reference maps (lists of 2-D tensors, or (B, H, W) batches). It returns
-    ``{}`` until ``compute_result`` is True, then the scalar metrics of everything seen, and starts over.
-    """
-
-    def __init__(
-        self,
-        num_labels: int,
-        ignore_index: int | None = IGNORE_INDEX,
-        id2label: Mapping[int, str] | None = None,
-        coarser: Mapping[str, Mapping[int, int]] | None = None,
-        device: str | torch.device | None = None,
-    ):
-        self.confusion = StreamingConfusionMatrix(num_labels, ignore_index, device)
-        self.id2label = id2label
-        self.coarser = coarser
-
-    def __call__(self, eval_pred: Any, compute_result: bool = False) -> dict[str, float]:
-        """Count this batch; on the last batch return the metrics (scalars only) and reset."""
-        predictions, references = _eval_pred_parts(eval_pred)
-        self.confusion.update(predictions, references)
-        if not compute_result:
-            return {}
-        results = scalar_metrics(self.confusion.compute(self.id2label, self.coarser))
-        self.confusion.reset()
-        return results
-
-
-_MEAN_IOU_DESCRIPTION = (
-    "Mean intersection-over-union and related segmentation scores from a streaming confusion matrix. "
-    "Predicted and reference maps are counted as they arrive and never stored, so it handles full-resolution maps."
-)
-_MEAN_IOU_INPUTS = """
-Args:
-    predictions: predicted label maps, one (H, W) integer map per image (tensors, arrays or nested lists).
-    references: reference label maps of the same sizes; ``ignore_index`` pixels are skipped.
-    num_labels: number of classes (may be given to ``load_mean_iou`` instead).
-    ignore_index: reference value to skip (default 255).
-    id2label: optional ``{id: name}`` adding ``iou_<name>`` / ``accuracy_<name>`` entries.
-    coarser: optional ``{level: {fine_id: coarse_id}}`` adding ``mean_iou_<level>`` entries.
-Returns:
-    mean_iou, mean_accuracy, overall_accuracy, frequency_weighted_iou, per_category_iou, per_category_accuracy.
-"""
-
-
-@functools.cache
-def _mean_iou_class() -> type:
-    # Importing evaluate costs ~8 s here (it pulls in transformers.pipelines), so only the evaluate module pays it.
-    import datasets
-    import evaluate
-
-    class MeanIoU(evaluate.Metric):
-        """An offline ``evaluate`` metric that streams maps into a confusion matrix instead of an Arrow cache.
-
-        Without ``num_labels`` at construction, maps are counted over all 256 uint8 values and ``compute`` checks
-        them against its ``num_labels`` / ``ignore_index``. ``num_process > 1`` is refused: sum the matrices with
-        ``all_reduce_confusion`` instead of evaluate's file-based gathering.
-        """
-
-        def __init__(
-            self,
-            num_labels: int | None = None,
-            ignore_index: int | None = IGNORE_INDEX,
-            id2label: Mapping[int, str] | None = None,
-            coarser: Mapping[str, Mapping[int, int]] | None = None,
-            device: str | torch.device | None = None,
-            **kwargs: Any,
-        ):
-            super().__init__(**kwargs)
-            if self.num_process != 1:
-                raise ValueError(
-                    "MeanIoU keeps counts, not predictions: run one instance per rank and sum the matrices with "
-                    "roadseg_utils.metrics.all_reduce_confusion instead of num_process > 1"
-                )
-            if num_labels is not None:
-                _check_label_space(num_labels, ignore_index)
-            self.num_labels = num_labels
-            self.ignore_index = ignore_index
-            self.id2label = id2label
-            self.coarser = coarser
-            self.device = device
-            self._counts: StreamingConfusionMatrix | None = None
-
-        def _info(self) -> evaluate.MetricInfo:
-            label_map = datasets.Sequence(datasets.Sequence(datasets.Value("int64")))
-            return evaluate.MetricInfo(
-                description=_MEAN_IOU_DESCRIPTION,
-                citation="",
-                inputs_description=_MEAN_IOU_INPUTS,
-                features=datasets.Features({"predictions": label_map, "references": label_map}),
-            )
-
-        def __len__(self) -> int:
-            return 0 if self._counts is None else self._counts.num_maps
-
-        def _accumulator(
-            self, num_labels: int | None = None, ignore_index: int | None = None
-        ) -> StreamingConfusionMatrix:
-            if self._counts is None:
-                num_labels = num_labels if num_labels is not None else self.num_labels
-                if num_labels is None:
-                    self._counts = StreamingConfusionMatrix(NUM_CODES, None, self.device)
-                else:
-                    self._counts = StreamingConfusionMatrix(num_labels, ignore_index, self.device)
-            return self._counts
-
-        def add_batch(self, *, predictions: ArrayLike = None, references: ArrayLike = None) -> None:
-            """Count a batch of predicted and reference maps (never stored)."""
-            self._accumulator(ignore_index=self.ignore_index).update(predictions, references)
-
-        def add(self, *, prediction: ArrayLike = None, reference: ArrayLike = None) -> None:
-            """Count one predicted map and its reference."""
-            self.add_batch(predictions=[prediction], references=[reference])
-
-        def compute(
-            self,
-            *,
-            predictions: ArrayLike = None,
-            references: ArrayLike = None,
-            num_labels: int | None = None,
-            ignore_index: int | None = None,
-            id2label: Mapping[int, str] | None = None,
-            coarser: Mapping[str, Mapping[int, int]] | None = None,
-        ) -> dict[str, Any]:
-            """Metrics over everything added (plus ``predictions``/``references`` if given); then start over."""
-            # Replaces evaluate's compute, which would gather predictions from an Arrow cache this module never writes.
-            num_labels = num_labels if num_labels is not None else self.num_labels
-            ignore_index = ignore_index if ignore_index is not None else self.ignore_index
-            if num_labels is None:
-                raise ValueError("num_labels is required: pass it to compute() or to load_mean_iou()")
-            _check_label_space(num_labels, ignore_index)
-            counts = self._accumulator(num_labels, ignore_index)
-            if predictions is not None or references is not None:
-                self.add_batch(predictions=predictions, references=references)
-            if counts.num_labels == NUM_CODES and counts.ignore_index is None and num_labels != NUM_CODES:
-                confusion = _confusion_from_joint(counts.matrix, num_labels, ignore_index)
-            elif (counts.num_labels, counts.ignore_index) != (num_labels, ignore_index):
-                raise ValueError(
-                    f"maps were counted with num_labels={counts.num_labels}, ignore_index={counts.ignore_index}; "
-                    f"compute() got num_labels={num_labels}, ignore_index={ignore_index}"
-                )
-            else:
-                confusion = counts.matrix
-            self._counts = None
-            return compute_segmentation_metrics(
-                confusion,
-                id2label=id2label if id2label is not None else self.id2label,
-                coarser=coarser if coarser is not None else self.coarser,
-            )
-
-    MeanIoU.__qualname__ = "MeanIoU"
-    MeanIoU.__module__ = __name__
-    return MeanIoU
-
-
-def _confusion_from_joint(joint: np.ndarray, num_labels: int, ignore_index: int | None) -> np.ndarray:
-    """The confusion matrix inside a 256 x 256 pair histogram, after checking nothing lies outside the label space."""
-    message = _invalid_values_message(joint, num_labels, ignore_index)
-    if message:
-        raise ValueError(message)
-    return joint[:num_labels, :num_labels].copy()
-
-
-def load_mean_iou(
-    num_labels: int | None = None,
-    ignore_index: int | None = IGNORE_INDEX,
-    id2label: Mapping[int, str] | None = None,
-    coarser: Mapping[str, Mapping[int, int]] | None = None,
-    device: str | torch.device | None = None,
-    **kwargs: Any,
-) -> Any:
-    """The ``MeanIoU`` evaluate module, built locally (no Hub access); ``kwargs`` go to ``evaluate.Metric``."""
-    return _mean_iou_class()(
-        num_labels=num_labels, ignore_index=ignore_index, id2label=id2label, coarser=coarser, device=device, **kwargs
-    )
-
-
-def __getattr__(name: str) -> Any:
-    if name == "MeanIoU":
-        return _mean_iou_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,12 @@ pyplot), so they never touch a global backend or need a display. Every PNG is wr
 a rename.
 """
 
+# Two plotting stacks, measured by benchmarks/bench_plots.py (figures in BENCHMARKS.md). On matplotlib, importing it
+# and drawing the two selection plots would cost a cached selection rerun several times what the selection itself
+# takes, and that command-line rerun has no margin under its 2 s target; in PIL they are a few bars and text. The
+# evaluation charts (a heat map with a colour bar, labelled bars) stay on matplotlib, imported inside those functions
+# only so that importing this module never loads it: next to running a model over a test split, they cost little.
+
 from __future__ import annotations
 
 import os
@@ -18,8 +24,6 @@ from PIL import Image, ImageDraw, ImageFont
 from .atomic import write_atomically
 from .labels import IGNORE_INDEX, LabelSet, pixel_counts
 
-# Selection charts are bars and text drawn with PIL: importing matplotlib alone takes ~0.55 s and drawing these two
-# with it ~0.4 s more, which would double a cached selection rerun (run_selection.py, ~1.4 s without them).
 CHART_WIDTH = 800
 CHART_MARGIN = 12
 CHART_TITLE_HEIGHT = 28

@@ -13,12 +13,10 @@ import torch
 from roadseg_utils import metrics
 from roadseg_utils.labels import IGNORE_INDEX, idd_label_set
 from roadseg_utils.metrics import (
-    BatchedSegmentationMetric,
     StreamingConfusionMatrix,
     all_reduce_confusion,
     coarsen_confusion,
     compute_segmentation_metrics,
-    load_mean_iou,
 )
 
 SIZES = [(17, 23), (5, 40), (32, 9), (1, 1), (24, 24), (11, 3)]
@@ -217,58 +215,6 @@ def test_counting_works_in_a_forked_child_after_the_parent_used_its_threads():
 def idd_maps() -> tuple[list[np.ndarray], list[np.ndarray]]:
     classes = list(range(26))
     return make_maps(2, SIZES, ref_classes=classes[:-3], pred_classes=classes[2:])
-
-
-def test_evaluate_module_and_batched_callable_agree(idd_maps):
-    from transformers.trainer_utils import EvalPrediction
-
-    predictions, references = idd_maps
-    label_set = idd_label_set(3)
-    kwargs = {"id2label": label_set.id2label, "coarser": label_set.coarser}
-
-    callable_metric = BatchedSegmentationMetric(26, **kwargs)
-    tensors_p = [torch.from_numpy(p) for p in predictions]
-    tensors_r = [torch.from_numpy(r) for r in references]
-    first_batch = EvalPrediction(predictions=tensors_p[:2], label_ids=tensors_r[:2])
-    assert callable_metric(first_batch, compute_result=False) == {}
-    from_callable = callable_metric((tensors_p[2:], tensors_r[2:]), compute_result=True)
-    assert all(isinstance(value, float) for value in from_callable.values())
-    assert callable_metric.confusion.matrix.sum() == 0
-
-    metric = load_mean_iou(num_labels=26, **kwargs)
-    for prediction, reference in zip(predictions[:3], references[:3], strict=True):
-        metric.add(prediction=prediction, reference=reference)
-    metric.add_batch(predictions=tensors_p[3:], references=tensors_r[3:])
-    assert len(metric) == len(predictions)
-    from_module = metric.compute()
-    one_shot = load_mean_iou().compute(predictions=predictions, references=references, num_labels=26, **kwargs)
-    deferred = load_mean_iou(**kwargs)
-    deferred.add_batch(predictions=[p.tolist() for p in predictions], references=[r.tolist() for r in references])
-    from_deferred = deferred.compute(num_labels=26)
-
-    for results in (from_module, one_shot, from_deferred):
-        np.testing.assert_array_equal(results["per_category_iou"], from_module["per_category_iou"])
-        for key, value in from_callable.items():
-            np.testing.assert_array_equal(results[key], value, err_msg=key)
-    assert isinstance(from_module["per_category_iou"], np.ndarray)
-    assert {"mean_iou_level2", "mean_iou_level1", "iou_road", "accuracy_sky"} <= set(from_callable)
-
-
-def test_evaluate_module_checks_its_inputs():
-    predictions, references = make_maps(3, [(6, 7)], [0, 1], [0, 1])
-    deferred = load_mean_iou()
-    deferred.add_batch(predictions=predictions, references=[np.full((6, 7), 4, dtype=np.uint8)])
-    with pytest.raises(ValueError, match=r"references hold values \[4\]"):
-        deferred.compute(num_labels=3)
-    with pytest.raises(ValueError, match="num_labels is required"):
-        load_mean_iou().compute(predictions=predictions, references=references)
-    fixed = load_mean_iou(num_labels=2)
-    fixed.add_batch(predictions=predictions, references=references)
-    with pytest.raises(ValueError, match="counted with num_labels=2"):
-        fixed.compute(num_labels=3)
-    with pytest.raises(ValueError, match="num_process"):
-        load_mean_iou(num_labels=2, num_process=2, process_id=0)
-    assert metrics.MeanIoU.__name__ == "MeanIoU"
 
 
 def test_coarser_levels_equal_mapping_the_maps_first(idd_maps):

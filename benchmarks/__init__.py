@@ -1,0 +1,1 @@
+"""Speed and memory measurements of roadseg, each run as ``python -m benchmarks.<name>``; figures in BENCHMARKS.md."""
