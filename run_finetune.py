@@ -50,7 +50,7 @@ from roadseg_utils.freezing import FROZEN_PARTS
 from roadseg_utils.hub import HubPublishError, require_hub
 from roadseg_utils.labels import LabelSet, get_label_set
 from roadseg_utils.modeling import DEFAULT_CHECKPOINT, TINY_MODEL, ModelLoadError, load_image_processor, load_model
-from roadseg_utils.selection import load_manifest
+from roadseg_utils.selection import select_training_rows
 from roadseg_utils.trainer import (
     EpochSeededDataset,
     FrozenBackboneTrainer,
@@ -195,44 +195,6 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-
-
-def select_training_rows(
-    train: datasets.Dataset, held_out: list[datasets.Dataset], manifest_path: str, label_set: LabelSet
-) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """The train rows a selection manifest marks as selected, and a summary of the selection for logs and card."""
-    header, rows = load_manifest(manifest_path)
-    chosen = {row["path"] for row in rows if row["selected"]}
-    train_paths = [str(path) for path in dataset_column(train, "path")]
-    keep = [index for index, path in enumerate(train_paths) if path in chosen]
-    if not keep:
-        raise DataError(
-            f"{manifest_path}: none of its {len(chosen)} selected paths is in the train split "
-            f"(e.g. {sorted(chosen)[:1]} vs {train_paths[:1]}); was it made from this dataset?"
-        )
-    held = sum(path in chosen for split in held_out for path in dataset_column(split, "path"))
-    missing = len(chosen) - len(keep) - held
-    manifest_labels = header.get("label_set", {}).get("name")
-    if manifest_labels and manifest_labels != label_set.name:
-        logger.warning(f"{manifest_path} was made with label set {manifest_labels}, this run uses {label_set.name}")
-    if held:
-        logger.warning(f"{held} selected images fell into the validation/test splits and stay out of training")
-    if missing:
-        logger.warning(f"{missing} selected paths of {manifest_path} are not in this dataset")
-    logger.info(f"selection manifest {manifest_path}: training on {len(keep)} of {len(train_paths)} train images")
-    rare = ", ".join(item["name"] for item in header.get("rare_classes", [])) or "none"
-    summary = {
-        "manifest": manifest_path,
-        "strategy": header.get("strategy"),
-        "formula": header.get("formula"),
-        "weights (alpha, beta, gamma)": (header.get("alpha"), header.get("beta"), header.get("gamma")),
-        "selected of candidates": f"{len(chosen)} of {header.get('num_candidates')}",
-        "rare classes": rare,
-        "pool fingerprint": header.get("dataset", {}).get("fingerprint"),
-        "selected images trained on": len(keep),
-        "selected images held out (validation/test)": held,
-    }
-    return train.select(keep), summary
 
 
 def fail(message: str) -> NoReturn:

@@ -123,6 +123,7 @@ __all__ = [
     "load_candidate_pool",
     "load_manifest",
     "manifest_rows",
+    "select_training_rows",
     "materialize_dataset",
     "materialize_files",
     "push_subset_to_hub",

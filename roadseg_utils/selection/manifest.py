@@ -1,4 +1,4 @@
-"""The selection manifest: one row per pool image, written as manifest.json and manifest.csv and read back."""
+"""The selection manifest: one row per pool image, as manifest.json and manifest.csv; reading it and applying it."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from transformers.utils import logging
 
 from ..atomic import write_text_atomically
-from ..data import DataError
+from ..data import DataError, dataset_column
+from ..labels import LabelSet
 
 if TYPE_CHECKING:
+    import datasets
+
     # strategies.py imports the format constants below, so Selection is only named in annotations here.
     from .strategies import Selection
+
+logger = logging.get_logger(__name__)
 
 MANIFEST_FORMAT = "roadseg-selection-manifest"
 MANIFEST_VERSION = 1
@@ -117,3 +123,41 @@ def selected_paths(manifest_path: str | os.PathLike[str]) -> set[str]:
     """The ``path`` ids of the selected rows, to match against a dataset's ``path`` column (train split)."""
     _, rows = load_manifest(manifest_path)
     return {row["path"] for row in rows if row["selected"]}
+
+
+def select_training_rows(
+    train: datasets.Dataset, held_out: list[datasets.Dataset], manifest_path: str, label_set: LabelSet
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The train rows a selection manifest marks as selected, and a summary of the selection for logs and card."""
+    header, rows = load_manifest(manifest_path)
+    chosen = {row["path"] for row in rows if row["selected"]}
+    train_paths = [str(path) for path in dataset_column(train, "path")]
+    keep = [index for index, path in enumerate(train_paths) if path in chosen]
+    if not keep:
+        raise DataError(
+            f"{manifest_path}: none of its {len(chosen)} selected paths is in the train split "
+            f"(e.g. {sorted(chosen)[:1]} vs {train_paths[:1]}); was it made from this dataset?"
+        )
+    held = sum(path in chosen for split in held_out for path in dataset_column(split, "path"))
+    missing = len(chosen) - len(keep) - held
+    manifest_labels = header.get("label_set", {}).get("name")
+    if manifest_labels and manifest_labels != label_set.name:
+        logger.warning(f"{manifest_path} was made with label set {manifest_labels}, this run uses {label_set.name}")
+    if held:
+        logger.warning(f"{held} selected images fell into the validation/test splits and stay out of training")
+    if missing:
+        logger.warning(f"{missing} selected paths of {manifest_path} are not in this dataset")
+    logger.info(f"selection manifest {manifest_path}: training on {len(keep)} of {len(train_paths)} train images")
+    rare = ", ".join(item["name"] for item in header.get("rare_classes", [])) or "none"
+    summary = {
+        "manifest": manifest_path,
+        "strategy": header.get("strategy"),
+        "formula": header.get("formula"),
+        "weights (alpha, beta, gamma)": (header.get("alpha"), header.get("beta"), header.get("gamma")),
+        "selected of candidates": f"{len(chosen)} of {header.get('num_candidates')}",
+        "rare classes": rare,
+        "pool fingerprint": header.get("dataset", {}).get("fingerprint"),
+        "selected images trained on": len(keep),
+        "selected images held out (validation/test)": held,
+    }
+    return train.select(keep), summary
