@@ -35,6 +35,7 @@ from transformers.utils import logging
 from roadseg_utils.card import model_index_dataset_type, model_index_results, update_model_card_eval_results
 from roadseg_utils.cli import one_line
 from roadseg_utils.collator import SegmentationCollator
+from roadseg_utils.confusion import StreamingConfusionMatrix, all_reduce_confusion
 from roadseg_utils.data import (
     SPLIT_ALIASES,
     DataError,
@@ -56,7 +57,7 @@ from roadseg_utils.export import export_lookup, export_paths, write_prediction
 from roadseg_utils.hub import HubPublishError, hub_is_reachable, push_files_to_hub
 from roadseg_utils.inference import TTA_CHOICES, predict_batch
 from roadseg_utils.labels import IDD_LEVELS, get_label_set, idd_level_of
-from roadseg_utils.metrics import StreamingConfusionMatrix, all_reduce_confusion, compute_segmentation_metrics
+from roadseg_utils.metrics import compute_segmentation_metrics
 from roadseg_utils.modeling import (
     TINY_MODEL,
     ModelLoadError,

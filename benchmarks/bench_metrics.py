@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from benchmarks.timing import time_passes
+from roadseg_utils.confusion import NUM_CODES, StreamingConfusionMatrix
 from roadseg_utils.labels import IGNORE_INDEX
-from roadseg_utils.metrics import NUM_CODES, StreamingConfusionMatrix, per_category_iou
+from roadseg_utils.metrics import per_category_iou
 
 AGREEMENT = 0.7
 IGNORE_SHARE = 0.05

@@ -40,10 +40,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .collator import MODEL_INPUT_KEYS, SegmentationCollator
+from .confusion import StreamingConfusionMatrix
 from .freezing import DEFAULT_FROZEN_PARTS, FROZEN_PARTS, freeze, frozen_modules, lock_eval_mode
 from .inference import semantic_maps_from_outputs, valid_sizes_of
 from .labels import IGNORE_INDEX, LabelSet
-from .metrics import StreamingConfusionMatrix, scalar_metrics
+from .metrics import scalar_metrics
 
 logger = logging.get_logger(__name__)
 

@@ -23,10 +23,10 @@ from transformers.models.mask2former.modeling_mask2former import Mask2FormerForU
 
 from roadseg_utils import evaluation, hub, inference, visualize
 from roadseg_utils.card import FinetuneCardInfo, update_model_card_eval_results, write_finetune_card
+from roadseg_utils.confusion import StreamingConfusionMatrix
 from roadseg_utils.data import DataSourceArguments, dataset_column, load_segmentation_dataset
 from roadseg_utils.inference import semantic_maps_from_outputs
 from roadseg_utils.labels import RAW_LABELS, idd_label_set
-from roadseg_utils.metrics import StreamingConfusionMatrix
 from roadseg_utils.modeling import image_processor_class, load_image_processor, load_model
 from roadseg_utils.synthetic import generate_synthetic_idd
 

@@ -10,14 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from roadseg_utils import metrics
+from roadseg_utils import confusion
+from roadseg_utils.confusion import StreamingConfusionMatrix, all_reduce_confusion
 from roadseg_utils.labels import IGNORE_INDEX, idd_label_set
-from roadseg_utils.metrics import (
-    StreamingConfusionMatrix,
-    all_reduce_confusion,
-    coarsen_confusion,
-    compute_segmentation_metrics,
-)
+from roadseg_utils.metrics import coarsen_confusion, compute_segmentation_metrics
 
 SIZES = [(17, 23), (5, 40), (32, 9), (1, 1), (24, 24), (11, 3)]
 
@@ -146,7 +142,9 @@ def test_torch_numpy_and_list_inputs_agree(varied_maps, monkeypatch):
     np.testing.assert_array_equal(from_lists.matrix, from_numpy)
 
     # Route CPU tensors through the accelerator path (torch.bincount on the tensor's device) to test it here.
-    monkeypatch.setattr(metrics, "_accelerator_device", lambda p, r: p.device if isinstance(p, torch.Tensor) else None)
+    monkeypatch.setattr(
+        confusion, "_accelerator_device", lambda p, r: p.device if isinstance(p, torch.Tensor) else None
+    )
     on_device = StreamingConfusionMatrix(8).update(*as_int64_tensors)
     assert isinstance(on_device.matrix_tensor, torch.Tensor) and on_device.matrix_tensor.dtype == torch.long
     np.testing.assert_array_equal(on_device.matrix, from_numpy)
@@ -168,19 +166,19 @@ def test_chunked_threaded_counting_equals_brute_force(monkeypatch):
     predictions, references = make_maps(3, [(37, 53)] * 3, list(range(6)), list(range(6)))
     expected = brute_force_confusion(predictions, references, 6)
     # Tiny chunks and four threads: the map of 3 x 37 x 53 pixels is split unevenly over the pool.
-    monkeypatch.setattr(metrics, "MIN_THREADED_CHUNK_PIXELS", 100)
-    monkeypatch.setattr(metrics, "MAX_CHUNK_PIXELS", 1000)
-    monkeypatch.setattr(metrics.cv2, "getNumThreads", lambda: 4)
+    monkeypatch.setattr(confusion, "MIN_THREADED_CHUNK_PIXELS", 100)
+    monkeypatch.setattr(confusion, "MAX_CHUNK_PIXELS", 1000)
+    monkeypatch.setattr(confusion.cv2, "getNumThreads", lambda: 4)
     batch = StreamingConfusionMatrix(6).update(np.stack(predictions), np.stack(references))
     np.testing.assert_array_equal(batch.matrix, expected)
-    monkeypatch.setattr(metrics.cv2, "getNumThreads", lambda: 1)
+    monkeypatch.setattr(confusion.cv2, "getNumThreads", lambda: 1)
     np.testing.assert_array_equal(StreamingConfusionMatrix(6).update(predictions, references).matrix, expected)
 
 
 def test_counts_stay_exact_beyond_float32_integers(monkeypatch):
     # OpenCV histograms count in float32, which cannot hold 2**24 + 1; the chunking must keep every count exact,
     # also in one thread, where no split comes from the thread count.
-    monkeypatch.setattr(metrics.cv2, "getNumThreads", lambda: 1)
+    monkeypatch.setattr(confusion.cv2, "getNumThreads", lambda: 1)
     size = (1 << 24) + 2
     references = np.zeros((1, size), dtype=np.uint8)
     predictions = np.zeros((1, size), dtype=np.uint8)

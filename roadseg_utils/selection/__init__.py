@@ -57,6 +57,7 @@ from .manifest import (
     MANIFEST_VERSION,
     load_manifest,
     manifest_rows,
+    select_training_rows,
     selected_paths,
     write_manifest,
 )
