@@ -9,8 +9,8 @@ dtype on the device. float32 masks would take 4x the memory and, built here, ~18
 Memory. A batch of 8 crops of 512x1024 is ~170 MB (pixel values, pixel mask, bool masks). Fresh memory of that
 size comes from the OS page by page, and those page faults cost more than the writes themselves. So every batch is
 carved from one block of a per-process :class:`HostBufferPool`, and the block is reused once nothing refers to any
-of its arrays any more (the trainer moved the batch to the device, pinned it, or dropped it): ~19 ms per such batch
-instead of ~32 ms with fresh memory (``python -m benchmarks.bench_collator``).
+of its arrays any more (the trainer moved the batch to the device, pinned it, or dropped it); BENCHMARKS.md has the
+figures with and without this reuse (``python -m benchmarks.bench_collator``).
 
 Padding. ``pixel_mask`` is 1 on real pixels and 0 on padding: padding added by the transform when an image is
 smaller than the crop (known exactly from the transform's ``valid`` map), and, in evaluation batches of images of

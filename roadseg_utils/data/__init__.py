@@ -26,8 +26,8 @@ Import from here (``from roadseg_utils.data import ...``); the modules behind it
 - `legacy_pickle` and `hf_source`: the pickle and Hugging Face sources;
 - `builder`: `load_segmentation_dataset` and `load_split_records`.
 
-`datasets` is imported inside the functions that build a dataset: it is slow to import (see BENCHMARKS.md), and
-finding or validating file layouts never needs it.
+`datasets` is imported inside the functions that build a dataset: it is slow to import
+(`python -X importtime -c "import datasets"`), and finding or validating file layouts never needs it.
 """
 
 from .arguments import SPLIT_ALIASES, SPLITS, DataSourceArguments

@@ -20,7 +20,8 @@ from .arguments import SelectionError
 from .pool import CandidatePool
 
 if TYPE_CHECKING:
-    # Imported where used: `datasets` is slow to import (see BENCHMARKS.md), and file layouts never need it.
+    # Imported where used: `datasets` is slow to import
+    # (`python -X importtime -c "import datasets"`), and file layouts never need it.
     import datasets
 
 SUBSET_MARKER = ".roadseg_subset"

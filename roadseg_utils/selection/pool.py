@@ -20,7 +20,8 @@ from ..data import (
 from ..labels import LabelSet
 
 if TYPE_CHECKING:
-    # Only for annotations: `datasets` is slow to import (see BENCHMARKS.md), and file layouts never need it.
+    # Only for annotations: `datasets` is slow to import
+    # (`python -X importtime -c "import datasets"`), and file layouts never need it.
     import datasets
 
 # Seed offset of the --max_samples subset; the strategies use 1 and 2, so each draws its own stream of the seed.
