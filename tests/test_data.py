@@ -611,3 +611,39 @@ def test_pixel_counts_equal_bincount_and_stay_exact_beyond_float32_integers():
     large[0, -1] = 7
     counts = pixel_counts(large)
     assert counts[0] == (1 << 24) + 1 and counts[7] == 1 and counts.sum() == large.size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows decoded later: SampleDecoder errors, BadSampleGuard, errors rebuilt from one message
+
+
+@pytest.mark.parametrize("kind", [c.__name__ for c in BadSampleError.__subclasses__()])
+def test_every_bad_sample_error_pickles_and_rebuilds_from_its_message(kind):
+    cls = getattr(data, kind)
+    err = cls("/data/a.png", "cannot read image (x: y)")
+    for copy in (pickle.loads(pickle.dumps(err)), cls(str(err))):
+        assert type(copy) is cls and (copy.path, copy.problem) == (err.path, err.problem) and str(copy) == str(err)
+
+
+def test_sample_decoder_names_the_row_of_a_bad_image_or_mask(tmp_path):
+    records = []
+    for i in range(2):
+        _save(tmp_path / f"img{i}.png", _image(i))
+        _save(tmp_path / f"mask{i}.png", _label(i))
+        records.append(SampleRecord(str(tmp_path / f"img{i}.png"), str(tmp_path / f"mask{i}.png"), "s", "train"))
+    dataset = data.records_to_dataset(records, get_label_set("idd-level3"))
+    (tmp_path / "img0.png").write_bytes(b"not an image")
+    Image.fromarray(_label(1)).convert("RGB").save(tmp_path / "mask1.png")
+
+    with pytest.raises(UnreadableImageError) as image_error:
+        dataset[0]
+    with pytest.raises(data.UnreadableMaskError) as mask_error:
+        dataset[1]
+    assert image_error.value.path == str(tmp_path / "img0.png") and "not an image file" in image_error.value.problem
+    assert mask_error.value.path == str(tmp_path / "img1.png")
+    assert mask_error.value.problem == f"cannot read mask ({tmp_path / 'mask1.png'}: mask has mode RGB; expected a " \
+        "single-channel label-id image (L, P or I))"
+    guard = data.BadSampleGuard(dataset, "skip", substitute=False)
+    assert len(guard) == 2 and guard[0] is None and guard[1] is None
+    with pytest.raises(EmptyDatasetError, match="^dataset: all 2 samples are bad"):
+        data.BadSampleGuard(dataset, "skip")[1]

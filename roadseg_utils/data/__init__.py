@@ -18,11 +18,16 @@ Import from here (``from roadseg_utils.data import ...``); the modules behind it
 - `arguments`: `DataSourceArguments` and the split names;
 - `errors`: the `DataError` hierarchy;
 - `idd`: IDD file naming and polygon rasterisation;
-- `decoding`: any stored image or label as a PIL RGB image or a uint8 label map;
+- `image_files`: opening stored images safely (regular files only, no decompression bombs, EXIF orientation
+  applied) and checking their integrity from headers and trailers;
+- `decoding`: any stored image or label as a PIL RGB image or a uint8 label map, and `image_size` (the start-up
+  check of an image);
 - `layouts`: `SampleRecord` and `find_records` for an IDD tree or image/mask folders;
 - `splits`: seeded splitting and subsampling;
-- `validation`: the one bad-sample path and `validate_records`;
-- `lazy_dataset`: `SampleDecoder`, `with_sample_transform`, `records_to_dataset`, `dataset_column`;
+- `validation`: the one bad-sample path, `validate_records` and `check_labelled` (a split without any labelled
+  pixel is an error);
+- `lazy_dataset`: `SampleDecoder`, `BadSampleGuard` (the bad-sample policy for rows read later, e.g. in DataLoader
+  workers), `with_sample_transform`, `records_to_dataset`, `dataset_column`;
 - `legacy_pickle` and `hf_source`: the pickle and Hugging Face sources;
 - `builder`: `load_segmentation_dataset` and `load_split_records`.
 
@@ -32,7 +37,7 @@ Import from here (``from roadseg_utils.data import ...``); the modules behind it
 
 from .arguments import SPLIT_ALIASES, SPLITS, DataSourceArguments
 from .builder import load_segmentation_dataset, load_split_records, paths_fingerprint
-from .decoding import NPY_MAGIC, label_level, read_label_map, to_label_map, to_rgb_image
+from .decoding import NPY_MAGIC, image_size, label_level, read_label_map, to_label_map, to_rgb_image
 from .errors import (
     BadSampleError,
     DataError,
@@ -53,8 +58,9 @@ from .idd import (
     idd_label_suffix,
     rasterize_polygons,
 )
+from .image_files import check_regular_file
 from .layouts import IMAGE_EXTENSIONS, SampleRecord, find_records
-from .lazy_dataset import SampleDecoder, dataset_column, records_to_dataset, with_sample_transform
+from .lazy_dataset import BadSampleGuard, SampleDecoder, dataset_column, records_to_dataset, with_sample_transform
 from .legacy_pickle import load_legacy_pickle
 from .splits import assign_splits, split_dataset, split_records
 from .validation import (
@@ -62,6 +68,7 @@ from .validation import (
     VALIDATION_CHUNK,
     SampleVerdict,
     ValidationResult,
+    check_labelled,
     check_on_bad_sample,
     label_value_problem,
     sort_samples,
@@ -79,6 +86,7 @@ __all__ = [
     "SPLIT_ALIASES",
     "VALIDATION_CHUNK",
     "BadSampleError",
+    "BadSampleGuard",
     "DataError",
     "DataSourceArguments",
     "EmptyDatasetError",
@@ -94,11 +102,14 @@ __all__ = [
     "UnsafePickleError",
     "ValidationResult",
     "assign_splits",
+    "check_labelled",
+    "check_regular_file",
     "check_on_bad_sample",
     "dataset_column",
     "find_records",
     "idd_frame_name",
     "idd_label_suffix",
+    "image_size",
     "label_level",
     "label_value_problem",
     "load_legacy_pickle",

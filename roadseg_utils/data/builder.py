@@ -15,7 +15,7 @@ from .layouts import find_records
 from .lazy_dataset import records_to_dataset
 from .legacy_pickle import load_pickle_splits
 from .splits import assign_splits
-from .validation import ValidationResult, validate_records
+from .validation import ValidationResult, check_labelled, validate_records
 
 if TYPE_CHECKING:
     import datasets
@@ -28,6 +28,7 @@ def load_split_records(
 ) -> dict[str, ValidationResult]:
     """File layouts: the validated records of each split with their label histograms and sizes.
 
+    A split whose masks hold no labelled pixel at all raises `EmptyDatasetError` naming the source and split.
     This is the record level under `load_segmentation_dataset` (same splits for the same arguments and seed),
     for callers that want the histograms, e.g. class statistics, without decoding any mask again;
     ``records_to_dataset(result.records, label_set, result.sizes)`` turns one split into its dataset.
@@ -40,6 +41,8 @@ def load_split_records(
     positions: dict[str, list[int]] = {name: [] for name in SPLITS}
     for position, record in enumerate(result.records):
         positions[record.split].append(position)
+    for name, chosen in positions.items():
+        check_labelled(result.histograms[chosen], f"{args.describe_source()} [{name}]")
     return {
         name: ValidationResult(
             records=[result.records[i] for i in chosen],

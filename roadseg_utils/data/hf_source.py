@@ -18,7 +18,7 @@ from .decoding import label_level
 from .errors import DataError, EmptyDatasetError, HubDatasetUnavailableError
 from .lazy_dataset import SampleDecoder
 from .splits import carving_fractions, split_dataset, subsample
-from .validation import VALIDATION_CHUNK, check_samples
+from .validation import VALIDATION_CHUNK, check_labelled, check_samples
 
 if TYPE_CHECKING:
     import datasets
@@ -104,6 +104,13 @@ def _prepare_hf_split(
     renames = {old: new for old, new in ((args.image_column, "image"), (args.label_column, "label")) if old != new}
     if renames:
         dataset = dataset.rename_columns(renames)
+    for column in ("image", "label"):
+        feature = dataset.features[column]
+        if isinstance(feature, datasets.Image) and feature.decode:
+            # `SampleDecoder` decodes the stored bytes itself, by the rules validation applied to them (EXIF
+            # orientation, integrity, modes, lossless masks); a bad row then raises its BadSampleError, not a PIL
+            # error from inside datasets. The table is not copied.
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
     files = _hf_image_files(dataset)
     root = Path(args.dataset_name).expanduser()
     if "path" not in dataset.column_names:
@@ -155,9 +162,10 @@ def load_hf_splits(args: DataSourceArguments, label_set: LabelSet, seed: int) ->
         keep = subsample(len(dataset), args.max_samples, seed, salt)
         if keep is not None:
             dataset = dataset.select(keep)
-        kept, _, _ = check_samples(
+        kept, good, _ = check_samples(
             _hf_tasks(dataset, VALIDATION_CHUNK), len(dataset), label_set, args.on_bad_sample, args.num_workers
         )
+        check_labelled([g.histogram for g in good], f"{args.dataset_name} [{name}]")
         # No height/width columns here: adding a column after select() would copy the whole table.
         if len(kept) < len(dataset):
             dataset = dataset.select(kept)

@@ -29,13 +29,21 @@ def idd_label_suffix(level: int) -> str:
 
 
 def rasterize_polygons(annotation: dict[str, Any], level: int = 3, source: str = "<polygons>") -> np.ndarray:
-    """Rasterise an IDD ``*_gtFine_polygons.json`` payload into a uint8 label map by the official rules."""
+    """Rasterise an IDD ``*_gtFine_polygons.json`` payload into a uint8 label map by the official rules.
+
+    A malformed payload (missing or non-positive size, a size over PIL's decompression-bomb limit, an object
+    without a label or with non-finite coordinates) raises `DataError` naming ``source``.
+    """
     name_to_id = raw_name_to_id(level)
     try:
         height, width = int(annotation["imgHeight"]), int(annotation["imgWidth"])
-        objects = list(annotation.get("objects", []))
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        objects = annotation.get("objects", [])
+        if not isinstance(objects, list):
+            raise TypeError(f"'objects' is a {type(objects).__name__}, not a list")
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
         raise DataError(f"{source}: not an IDD polygon annotation ({err!r})") from err
+    if height < 1 or width < 1 or height * width > (Image.MAX_IMAGE_PIXELS or 2**62):
+        raise DataError(f"{source}: image size {height}x{width} is not a plausible image size")
     canvas = Image.new("L", (width, height), IGNORE_INDEX)
     drawer = ImageDraw.Draw(canvas)
     for index, obj in enumerate(objects):
@@ -43,8 +51,12 @@ def rasterize_polygons(annotation: dict[str, Any], level: int = 3, source: str =
             if obj.get("deleted"):
                 continue
             raw_name = name = obj["label"]
+            if not isinstance(name, str):
+                raise TypeError(f"label {name!r} is not a string")
             polygon = [(float(x), float(y)) for x, y in obj["polygon"]]
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if not np.isfinite(polygon).all():
+                raise ValueError("polygon has non-finite coordinates")
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
             raise DataError(f"{source}: object {index} is malformed ({err!r})") from err
         if name not in name_to_id and name.endswith(GROUP_SUFFIX):
             name = name[: -len(GROUP_SUFFIX)]

@@ -24,6 +24,7 @@ from .errors import (
     SizeMismatchError,
     UnreadableImageError,
     UnreadableMaskError,
+    reason,
 )
 from .layouts import SampleRecord
 
@@ -93,16 +94,24 @@ def sort_samples(
 def _inspect_sample(image: Any, label: Any, name: str, label_set: LabelSet) -> SampleVerdict:
     try:
         height, width = image_size(image, name)
-    except Exception as err:  # any failure to read the image makes it unusable
-        return SampleVerdict(name, UnreadableImageError, f"cannot read image ({err})")
+    except BadSampleError as err:
+        return SampleVerdict(name, type(err), err.problem)
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as err:  # any other failure to read the image makes it unusable
+        return SampleVerdict(name, UnreadableImageError, f"cannot read image ({reason(err)})")
     if label is None:
         return SampleVerdict(name, MissingMaskError, "has no mask")
-    if isinstance(label, (str, os.PathLike)) and not os.path.isfile(label):
+    if isinstance(label, (str, os.PathLike)) and not os.path.lexists(label):
         return SampleVerdict(name, MissingMaskError, f"mask {os.fspath(label)} does not exist")
     try:
         label_map = to_label_map(label, label_set.idd_level, name)
+    except MissingMaskError as err:
+        return SampleVerdict(name, MissingMaskError, err.problem)
+    except (MemoryError, RecursionError):
+        raise
     except Exception as err:  # any failure to decode the mask makes it unusable
-        return SampleVerdict(name, UnreadableMaskError, f"cannot read mask ({err})")
+        return SampleVerdict(name, UnreadableMaskError, f"cannot read mask ({reason(err)})")
     if label_map.shape != (height, width):
         mask_height, mask_width = label_map.shape
         return SampleVerdict(
@@ -113,6 +122,21 @@ def _inspect_sample(image: Any, label: Any, name: str, label_set: LabelSet) -> S
     if problem is not None:
         return SampleVerdict(name, LabelValueError, problem)
     return SampleVerdict(name, histogram=histogram, height=height, width=width)
+
+
+def check_labelled(histograms: Sequence[np.ndarray] | np.ndarray, source: str) -> None:
+    """Refuse a non-empty split whose masks hold no labelled pixel at all (every pixel 255 = ignore).
+
+    Training on it learns nothing and evaluating it gives a NaN mIoU, so it is an error, named by ``source``.
+    """
+    if len(histograms) == 0:
+        return
+    labelled = int(np.sum([h[:IGNORE_INDEX].sum() for h in histograms]))
+    if labelled == 0:
+        raise EmptyDatasetError(
+            f"{source}: none of its {len(histograms)} masks holds a labelled pixel (every pixel is {IGNORE_INDEX} "
+            "= ignore); check the masks and the label set"
+        )
 
 
 def _inspect_chunk(chunk: list[tuple[Any, Any, str]], label_set: LabelSet) -> list[SampleVerdict]:
