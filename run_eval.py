@@ -19,9 +19,10 @@ import logging as std_logging
 import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,14 +39,18 @@ from roadseg_utils.collator import SegmentationCollator
 from roadseg_utils.confusion import StreamingConfusionMatrix, all_reduce_confusion
 from roadseg_utils.data import (
     SPLIT_ALIASES,
+    BadSampleGuard,
     DataError,
     DataSourceArguments,
+    EmptyDatasetError,
     dataset_column,
     load_segmentation_dataset,
     with_sample_transform,
 )
 from roadseg_utils.evaluation import (
+    DropSkipped,
     EvalInputError,
+    StagedOutputs,
     build_results,
     class_names,
     overlay_indices,
@@ -53,21 +58,24 @@ from roadseg_utils.evaluation import (
     shard_positions,
     write_outputs,
 )
-from roadseg_utils.export import export_lookup, export_paths, write_prediction
+from roadseg_utils.export import StagedExport, export_lookup, export_paths, write_prediction
 from roadseg_utils.hub import HubPublishError, hub_is_reachable, push_files_to_hub
 from roadseg_utils.inference import TTA_CHOICES, predict_batch
-from roadseg_utils.labels import IDD_LEVELS, get_label_set, idd_level_of
+from roadseg_utils.labels import IDD_LEVELS, LabelSet, LabelSetError, get_label_set, idd_level_of
 from roadseg_utils.metrics import compute_segmentation_metrics
 from roadseg_utils.modeling import (
     TINY_MODEL,
     ModelLoadError,
+    check_model_folder,
     load_image_processor,
     load_model,
     processor_shortest_edge,
 )
+from roadseg_utils.output_dir import OutputDirError, prepare_output_dir
 from roadseg_utils.transforms import build_eval_transforms, make_transform_fn
 
 logger = logging.get_logger("run_eval")
+SCRIPT = "run_eval.py"
 
 
 @dataclass
@@ -164,76 +172,172 @@ class EvalArguments:
         return f"EvalArguments({shown})"
 
 
+def _read_argument_file(path: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EvalInputError(f"{path}: argument file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvalInputError(f"{path}: not a readable JSON argument file ({one_line(err)})") from err
+    if not isinstance(payload, dict):
+        raise EvalInputError(f"{path}: the argument file must hold a JSON object of option names and values")
+    return payload
+
+
 def parse_arguments(argv: Sequence[str] | None = None) -> tuple[EvalArguments, DataSourceArguments, bool]:
     """The two argument dataclasses from the command line or one JSON file, and whether --label_set was given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((EvalArguments, DataSourceArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        payload = json.loads(Path(argv[0]).read_text())
-        eval_args, data_args = parser.parse_dict(payload)
-        return eval_args, data_args, "label_set" in payload
-    # A None default tells "not given" apart from an explicit --label_set idd-level3.
-    parser.set_defaults(label_set=None)
-    eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
-    return eval_args, data_args, data_args.label_set is not None
+    from_file = len(argv) == 1 and argv[0].endswith(".json")
+    try:
+        if from_file:
+            payload = _read_argument_file(Path(argv[0]))
+            eval_args, data_args = parser.parse_dict(payload)
+            return eval_args, data_args, "label_set" in payload
+        # A None default tells "not given" apart from an explicit --label_set idd-level3.
+        parser.set_defaults(label_set=None)
+        eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+        return eval_args, data_args, data_args.label_set is not None
+    except EvalInputError:
+        raise
+    except (ValueError, TypeError) as err:
+        # The dataclasses' own checks (DataSourceArguments) and unknown or mistyped keys of a JSON file.
+        raise EvalInputError((f"{argv[0]}: " if from_file else "") + one_line(err)) from err
+
+
+def choose_label_set(
+    eval_args: EvalArguments, data_args: DataSourceArguments, label_set_given: bool
+) -> tuple[LabelSet, Any]:
+    """The label set to score with, and the model when it had to be loaded to know it (a Hub id), else None.
+
+    A local folder is checked from its headers and its config.json read, so a bad folder or a label set that
+    disagrees with the model stops the run before any weight or image is read.
+    """
+    name = eval_args.model_name_or_path
+    if name == TINY_MODEL:
+        return get_label_set(data_args.label_set or "idd-level3"), None
+    requested = data_args.label_set if label_set_given else None
+    local = Path(name).expanduser()
+    if local.exists() or name.startswith((".", "/", "~")):
+        id2label = check_model_folder(local).get("id2label")
+        if id2label:
+            return resolve_label_set(id2label, requested, name), None
+    model = load_model(name, None, eval_args.model_revision, eval_args.hub_token, eval_args.cache_dir)
+    return resolve_label_set(model.config.id2label, requested, name), model
+
+
+def check_before_work(eval_args: EvalArguments) -> None:
+    """Refuse what would fail only after the scoring: a Hub push offline, a model folder that cannot take a card."""
+    local = Path(eval_args.model_name_or_path).expanduser()
+    if local.is_dir() and local.resolve() == Path(eval_args.output_dir).expanduser().resolve():
+        raise EvalInputError(f"--output_dir {eval_args.output_dir} is the model folder; write the evaluation into "
+                             "another folder (e.g. a subfolder), so its files never mix with the model's")
+    if eval_args.push_to_hub:
+        if eval_args.hub_model_id is None and local.is_dir():
+            raise EvalInputError("--push_to_hub needs --hub_model_id for a local model folder")
+        if not hub_is_reachable():
+            raise EvalInputError("--push_to_hub: the Hugging Face Hub is not reachable (offline?)")
+    if eval_args.update_model_card and local.is_dir():
+        prepare_output_dir(local, "--update_model_card: the model folder")
 
 
 def score_checkpoint(eval_args: EvalArguments, data_args: DataSourceArguments, label_set_given: bool) -> dict[str, Any]:
-    """Load, predict, score and write every output; returns the eval_results.json payload."""
+    """Check, load, predict, score and write every output; returns the eval_results.json payload.
+
+    The main process locks ``--output_dir`` (and the export's staging folder) for the whole run, writes into
+    staging folders, and moves the outputs into place only at the end.
+    """
     accelerator = Accelerator()
     is_main = accelerator.is_main_process
     std_logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for logger_name in ("run_eval", "roadseg_utils"):
         std_logging.getLogger(logger_name).setLevel(std_logging.INFO if is_main else std_logging.WARNING)
     set_seed(eval_args.seed)
-    name = eval_args.model_name_or_path
-    if eval_args.push_to_hub:
-        # Fail before the evaluation, not after it.
-        if eval_args.hub_model_id is None and Path(name).expanduser().is_dir():
-            raise EvalInputError("--push_to_hub needs --hub_model_id for a local model folder")
-        if not hub_is_reachable():
-            raise EvalInputError("--push_to_hub: the Hugging Face Hub is not reachable (offline?)")
+    export = None
+    if eval_args.export_predictions:
+        export = StagedExport(eval_args.export_predictions, eval_args.output_dir, SCRIPT)
+    with ExitStack() as stack:
+        outputs = None
+        if is_main:
+            check_before_work(eval_args)
+            outputs = stack.enter_context(StagedOutputs(eval_args.output_dir, SCRIPT))
+            if export:
+                stack.enter_context(export)
+        scored = score_split(eval_args, data_args, label_set_given, accelerator, export)
+        if is_main:
+            write_outputs(outputs.staging, scored.results, scored.matrix, scored.metrics, scored.label_set,
+                          scored.dataset, overlay_indices(len(scored.dataset), eval_args.num_overlays),
+                          scored.overlay_predictions)
+            outputs.commit(*([export.swap_in] if export else []))
+            print_summary(scored.results, outputs.folder)
+    if is_main and eval_args.update_model_card:
+        publish_results(scored.results, eval_args, data_args)
+    accelerator.wait_for_everyone()
+    return scored.results
 
-    # The model, the label set it predicts, and the size it sees.
-    if name == TINY_MODEL:
-        label_set = get_label_set(data_args.label_set or "idd-level3")
-        model = load_model(name, label_set)
-    else:
-        model = load_model(name, None, eval_args.model_revision, eval_args.hub_token, eval_args.cache_dir)
-        label_set = resolve_label_set(model.config.id2label, data_args.label_set if label_set_given else None, name)
+
+class ScoredSplit(NamedTuple):
+    """What `score_split` hands to the writers."""
+
+    results: dict[str, Any]
+    matrix: np.ndarray
+    metrics: dict[str, Any]
+    label_set: LabelSet
+    dataset: Any
+    overlay_predictions: dict[int, np.ndarray]
+
+
+def score_split(
+    eval_args: EvalArguments,
+    data_args: DataSourceArguments,
+    label_set_given: bool,
+    accelerator: Accelerator,
+    export: StagedExport | None,
+) -> ScoredSplit:
+    """Score this process's shard of the split (the results, matrix and metrics are the whole split's).
+
+    The main process writes the exported predictions into ``export.folder`` as they come.
+    """
+    is_main = accelerator.is_main_process
+    name = eval_args.model_name_or_path
+    label_set, model = choose_label_set(eval_args, data_args, label_set_given)
+    lookup, export_level = export_lookup(label_set, eval_args.export_level)
     processor = load_image_processor(name)
     if eval_args.eval_shortest_edge is None:
         eval_shortest_edge = processor_shortest_edge(processor)
     else:
         eval_shortest_edge = eval_args.eval_shortest_edge or None
-    lookup, export_level = export_lookup(label_set, eval_args.export_level)
 
     # The split, and which of its images get an overlay or an exported prediction.
     splits = load_segmentation_dataset(data_args, label_set, eval_args.seed)
     dataset = splits[eval_args.split]
     if len(dataset) == 0:
         raise EvalInputError(f"{data_args.describe_source()}: the {eval_args.split} split has no labelled images")
-    export_dir = Path(eval_args.export_predictions) if eval_args.export_predictions else None
+    if model is None:
+        model = load_model(name, label_set if name == TINY_MODEL else None, eval_args.model_revision,
+                           eval_args.hub_token, eval_args.cache_dir)
+    paths = dataset_column(dataset, "path")
     targets = None
-    if export_dir:
-        targets = export_paths(
-            export_dir, dataset_column(dataset, "path"), dataset_column(dataset, "sequence"), export_level
-        )
+    if export:
+        targets = export_paths(export.folder, paths, dataset_column(dataset, "sequence"), export_level)
     overlays = overlay_indices(len(dataset), eval_args.num_overlays)
     logger.info(f"scoring {name} ({label_set.name}, {label_set.num_labels} classes) on {len(dataset)} "
                 f"{eval_args.split} images of {data_args.describe_source()}; eval shortest edge "
                 f"{eval_shortest_edge or 'original'}, TTA {eval_args.tta}, {accelerator.num_processes} process(es) "
                 f"on {accelerator.device}")
 
-    # This process's shard, padded so that every process runs the same number of batches.
+    # This process's shard, padded so that every process runs the same number of batches. A sample that turns out
+    # bad when a worker decodes it follows --on_bad_sample: error stops the run, skip leaves it out and counts it.
     transform = make_transform_fn(build_eval_transforms(eval_shortest_edge, processor.image_mean, processor.image_std))
     size_divisor = getattr(processor, "size_divisor", None) or 32
     positions, num_real = shard_positions(len(dataset), accelerator.num_processes, accelerator.process_index)
+    guarded = BadSampleGuard(with_sample_transform(dataset, transform), data_args.on_bad_sample, substitute=False,
+                             source=data_args.describe_source())
     loader = torch.utils.data.DataLoader(
-        with_sample_transform(dataset, transform),
+        guarded,
         batch_size=eval_args.batch_size,
         sampler=positions,
-        collate_fn=SegmentationCollator(with_targets=False, size_divisor=size_divisor),
+        collate_fn=DropSkipped(SegmentationCollator(with_targets=False, size_divisor=size_divisor)),
         num_workers=eval_args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
@@ -242,21 +346,29 @@ def score_checkpoint(eval_args: EvalArguments, data_args: DataSourceArguments, l
     confusion = StreamingConfusionMatrix(label_set.num_labels, device=accelerator.device)
     wanted = set(overlays) | (set(range(len(dataset))) if targets else set())
     overlay_predictions: dict[int, np.ndarray] = {}
+    skipped: list[int] = []
     with ThreadPoolExecutor(max_workers=2) as writer, torch.inference_mode():
         writes = []
-        for step, batch in enumerate(tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process)):
+        for step, item in enumerate(tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process)):
             start = step * eval_args.batch_size
-            real = max(0, min(len(batch["original_segmentation_maps"]), num_real - start))
-            predictions = predict_batch(model, batch, accelerator, eval_args.tta, eval_args.working_size)
+            size = min(eval_args.batch_size, len(positions) - start)
+            batch, kept = item["batch"], item["kept"]
+            skipped += [positions[start + i] for i in range(size) if i not in kept and start + i < num_real]
+            # Batch slots past num_real are the shard's padding: predicted (to keep processes in step), never counted.
+            real = [j for j, slot in enumerate(kept) if start + slot < num_real]
+            predictions = []
+            if batch is not None:
+                predictions = predict_batch(model, batch, accelerator, eval_args.tta, eval_args.working_size)
             if real:
-                confusion.update(predictions[:real], batch["original_segmentation_maps"][:real])
-            kept = [(positions[start + i], predictions[i].cpu().numpy()) for i in range(real)
-                    if positions[start + i] in wanted]
+                confusion.update([predictions[j] for j in real],
+                                 [batch["original_segmentation_maps"][j] for j in real])
+            found = [(positions[start + kept[j]], predictions[j].cpu().numpy()) for j in real
+                     if positions[start + kept[j]] in wanted]
             if wanted and accelerator.num_processes > 1:
-                kept = gather_object(kept)
+                found = gather_object(found)
             if not is_main:
                 continue
-            for index, prediction in kept:
+            for index, prediction in found:
                 if index in overlays:
                     overlay_predictions[index] = prediction
                 if targets:
@@ -264,13 +376,19 @@ def score_checkpoint(eval_args: EvalArguments, data_args: DataSourceArguments, l
         for write in writes:
             write.result()
 
+    if accelerator.num_processes > 1:
+        skipped = gather_object(skipped)
+    if len(skipped) == len(dataset):
+        raise EmptyDatasetError(f"{data_args.describe_source()}: all {len(dataset)} images of the {eval_args.split} "
+                                "split were skipped as bad samples")
     matrix = all_reduce_confusion(confusion.matrix_tensor, accelerator).cpu().numpy()
     metrics = compute_segmentation_metrics(matrix, label_set.id2label, label_set.coarser)
     run = {
         "model": name,
         "data": data_args.describe_source(),
         "split": eval_args.split,
-        "num_images": len(dataset),
+        "num_images": len(dataset) - len(skipped),
+        "skipped_images": [paths[index] for index in sorted(skipped)],
         "label_set": label_set.name,
         "num_labels": label_set.num_labels,
         "class_names": class_names(label_set.id2label),
@@ -279,24 +397,24 @@ def score_checkpoint(eval_args: EvalArguments, data_args: DataSourceArguments, l
         "working_size": eval_args.working_size,
         "tta": eval_args.tta,
         "num_processes": accelerator.num_processes,
-        "export_predictions": str(export_dir) if export_dir else None,
-        "export_level": export_level if export_dir else None,
+        "export_predictions": str(export.target) if export else None,
+        "export_level": export_level if export else None,
     }
     results = build_results(matrix, metrics, label_set, run)
-    if is_main:
-        output_dir = Path(eval_args.output_dir)
-        write_outputs(output_dir, results, matrix, metrics, label_set, dataset, overlays, overlay_predictions)
-        print(
-            f"{eval_args.split} mIoU {results['mean_iou']:.4f} on {len(dataset)} images "
-            f"(best constant prediction: {results['constant_baseline_mean_iou']:.4f})\n"
-            f"results: {output_dir / 'eval_results.json'}, {output_dir / 'eval_report.md'}\n"
-            f"pictures: {output_dir / 'overlays'}/, {output_dir / 'confusion_matrix.png'}, "
-            f"{output_dir / 'per_class_iou.png'}"
-        )
-        if eval_args.update_model_card:
-            publish_results(results, eval_args, data_args)
-    accelerator.wait_for_everyone()
-    return results
+    return ScoredSplit(results, matrix, metrics, label_set, dataset, overlay_predictions)
+
+
+def print_summary(results: Mapping[str, Any], output_dir: Path) -> None:
+    """The scores and where the files are, on stdout."""
+    skipped = len(results["skipped_images"])
+    print(
+        f"{results['split']} mIoU {results['mean_iou']:.4f} on {results['num_images']} images"
+        + (f" ({skipped} skipped as bad samples)" if skipped else "")
+        + f" (best constant prediction: {results['constant_baseline_mean_iou']:.4f})\n"
+        f"results: {output_dir / 'eval_results.json'}, {output_dir / 'eval_report.md'}\n"
+        f"pictures: {output_dir / 'overlays'}/, {output_dir / 'confusion_matrix.png'}, "
+        f"{output_dir / 'per_class_iou.png'}"
+    )
 
 
 def publish_results(results: Mapping[str, Any], eval_args: EvalArguments, data_args: DataSourceArguments) -> None:
@@ -331,11 +449,11 @@ def publish_results(results: Mapping[str, Any], eval_args: EvalArguments, data_a
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the evaluation; bad input ends with one line on stderr and exit status 1."""
+    """Run the evaluation; bad input ends with one line on stderr and exit status 1 (README, "Errors")."""
     try:
         eval_args, data_args, label_set_given = parse_arguments(argv)
         return score_checkpoint(eval_args, data_args, label_set_given)
-    except (EvalInputError, ModelLoadError, DataError, HubPublishError, FileNotFoundError) as err:
+    except (EvalInputError, ModelLoadError, DataError, LabelSetError, OutputDirError, HubPublishError) as err:
         print(f"run_eval.py: error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
 

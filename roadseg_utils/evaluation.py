@@ -1,11 +1,19 @@
-"""Scoring a checkpoint on a split (run_eval.py): the label set to score with, shards, and the results it writes."""
+"""Scoring a checkpoint on a split (run_eval.py): the label set to score with, shards, and the results it writes.
+
+The outputs are written into a staging folder inside ``--output_dir`` and moved over an earlier run's only at the
+end, under ``RUN_INCOMPLETE`` (`StagedOutputs`): a run killed while scoring leaves the earlier results whole, one
+killed while moving leaves the marker, and a rerun of the same command ends with the same files.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -14,7 +22,13 @@ from .atomic import write_text_atomically
 from .data import dataset_column, idd_frame_name
 from .labels import IDD_LEVELS, LabelSet, custom_label_set, get_label_set, idd_label_set
 from .metrics import constant_prediction_mean_iou
+from .output_dir import RUN_FILE, IncompleteMarker, OutputDirError, OutputLock, prepare_output_dir
 from .visualize import render_overlay, save_png_atomically, save_score_charts
+
+OUTPUT_FILES = ("eval_results.json", "eval_report.md", "confusion_matrix.png", "per_class_iou.png")
+OVERLAY_DIR = "overlays"
+OUTPUT_NAMES = (*OUTPUT_FILES, OVERLAY_DIR)
+STAGING_NAME = ".run_eval-staging"
 
 
 class EvalInputError(ValueError):
@@ -43,9 +57,14 @@ def resolve_label_set(model_id2label: Mapping[Any, str], requested: str | None, 
         label_set = get_label_set(requested)
         data_names = class_names(label_set.id2label)
         if data_names != model_names:
+            which = ""
+            if len(model_names) == len(data_names):
+                differ = next(i for i, (ours, theirs) in enumerate(zip(model_names, data_names, strict=True))
+                              if ours != theirs)
+                which = f" (class {differ} is {model_names[differ]!r} in the model, {data_names[differ]!r} there)"
             raise EvalInputError(
                 f"the model {model_name} predicts {_describe(model_names)} but the data's label set {label_set.name} "
-                f"has {_describe(data_names)}; pass the --label_set the model was trained with, or leave it out"
+                f"has {_describe(data_names)}{which}; pass the --label_set the model was trained with, or leave it out"
             )
         return label_set
     for level in IDD_LEVELS:
@@ -90,9 +109,17 @@ def _finite(value: Any) -> float | None:
 def build_results(
     confusion: np.ndarray, metrics: Mapping[str, Any], label_set: LabelSet, run: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The eval_results.json payload: run facts, summary metrics, per-class rows and the confusion matrix."""
+    """The eval_results.json payload: run facts, summary metrics, per-class rows and the confusion matrix.
+
+    A matrix without a labelled pixel raises `EvalInputError`: every metric would be NaN, not a result to report.
+    """
     pixels = confusion.sum(axis=1)
     total = int(pixels.sum())
+    if total == 0:
+        raise EvalInputError(
+            f"{run.get('data', 'the data')}: the {run.get('split', 'scored')} split has no labelled pixel (every "
+            "ground-truth pixel is 255 = ignore), so there is nothing to score"
+        )
     per_class = [
         {
             "id": index,
@@ -135,6 +162,12 @@ def render_report(results: Mapping[str, Any]) -> str:
         f"label set {results['label_set']}; eval shortest edge {results['eval_shortest_edge'] or 'original'}, "
         f"working size {results['working_size'] or 'ground-truth size'}, TTA {results['tta']}, seed {results['seed']}.",
         "",
+    ]
+    skipped = results.get("skipped_images") or []
+    if skipped:
+        shown = ", ".join(f"`{path}`" for path in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        lines += [f"**{len(skipped)} image(s) skipped as bad samples** (`--on_bad_sample skip`): {shown}.", ""]
+    lines += [
         "| metric | value (%) |",
         "| --- | ---: |",
         f"| mIoU | {_percent(results['mean_iou'])} |",
@@ -176,7 +209,10 @@ def write_outputs(
     overlays: Sequence[int],
     overlay_predictions: Mapping[int, np.ndarray],
 ) -> None:
-    """eval_results.json, eval_report.md, the confusion matrix and IoU chart, and the overlays of ``dataset``."""
+    """eval_results.json, eval_report.md, the confusion matrix and IoU chart, and the overlays of ``dataset``.
+
+    An overlay index without a prediction (a sample skipped as bad) gets no picture.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(output_dir / "eval_results.json", json.dumps(results, indent=2) + "\n")
     write_text_atomically(output_dir / "eval_report.md", render_report(results))
@@ -186,6 +222,83 @@ def write_outputs(
     )
     paths = dataset_column(dataset, "path")
     for rank, index in enumerate(overlays):
+        if index not in overlay_predictions:
+            continue
         row = dataset[index]
         picture = render_overlay(np.asarray(row["image"]), row["label"], overlay_predictions[index], label_set)
         save_png_atomically(picture, output_dir / "overlays" / f"{rank:03d}_{idd_frame_name(paths[index])}.png")
+
+
+class DropSkipped:
+    """A collate function that leaves out the samples `BadSampleGuard` skipped (None) and says which it kept.
+
+    Returns ``{"kept": positions in the batch, "batch": the collated batch, or None when every sample was skipped}``.
+    """
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]]) -> None:
+        self.collate = collate
+
+    def __call__(self, examples: list[Any]) -> dict[str, Any]:
+        kept = [i for i, example in enumerate(examples) if example is not None]
+        return {"kept": kept, "batch": self.collate([examples[i] for i in kept]) if kept else None}
+
+
+class StagedOutputs:
+    """``--output_dir`` checked and locked before any work, written into a staging folder, moved in by `commit`.
+
+    ``with StagedOutputs(folder, script) as outputs:`` raises `OutputDirError` (one line) for a folder that is a
+    file, cannot be created or written, holds another script's outputs (its ``roadseg_run.json`` says so) or is
+    being written by another run; ``outputs.staging`` is then empty.
+    Leaving the block removes the staging folder and releases the lock.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], script: str) -> None:
+        self.folder = Path(output_dir).expanduser()
+        self.staging = self.folder / STAGING_NAME
+        self.script = script
+        self._lock = OutputLock(self.folder, script)
+
+    def _refuse_another_scripts_folder(self) -> None:
+        try:
+            owner = json.loads((self.folder / RUN_FILE).read_text(encoding="utf-8")).get("script")
+        except (OSError, ValueError, AttributeError):
+            return  # no record (or none readable): no other script claimed the folder
+        if owner and owner != self.script:
+            raise OutputDirError(f"--output_dir {self.folder}: holds the outputs of {owner} ({RUN_FILE}); write the "
+                                 "evaluation into another folder, so the two never mix")
+
+    def __enter__(self) -> StagedOutputs:
+        prepare_output_dir(self.folder)
+        self._refuse_another_scripts_folder()
+        self._lock.__enter__()
+        try:
+            # A killed run's staged files are incomplete: start again from nothing.
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def commit(self, *first: Callable[[], object]) -> None:
+        """Under ``RUN_INCOMPLETE``: call ``first`` (e.g. the export's swap), then put the staged outputs in place.
+
+        An earlier run's output that this run did not write (overlays with ``--num_overlays 0``) goes too.
+        """
+        with IncompleteMarker(self.folder, self.script):
+            for step in first:
+                step()
+            for name in OUTPUT_NAMES:
+                old, new = self.folder / name, self.staging / name
+                if old.is_dir() and not old.is_symlink():
+                    os.rename(old, self.staging / f"{name}.previous")
+                elif old.exists() and not new.exists():
+                    old.unlink()
+                if new.exists():
+                    os.replace(new, old)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self._lock.__exit__(exc_type, exc, traceback)

@@ -1,17 +1,31 @@
-"""Predictions written as IDD label files, `<sequence>/<frame>_gtFine_labellevel<N>Ids.png`, as IDD's tools read."""
+"""Predictions written as IDD label files, `<sequence>/<frame>_gtFine_labellevel<N>Ids.png`, as IDD's tools read.
+
+The export is written into ``<name>.partial/predictions`` beside the ``--export_predictions`` folder and swapped in
+whole at the end (`StagedExport`), so until then an earlier export stays intact, and a reader never finds one that
+mixes two runs or lacks files yet looks complete. A killed run leaves only ``<name>.partial``, which the next run
+into the same folder removes.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 from PIL import Image
 
 from .atomic import write_atomically
 from .data import idd_frame_name, idd_label_suffix
-from .evaluation import EvalInputError
+from .evaluation import OUTPUT_NAMES, EvalInputError
 from .labels import LabelSet
+from .output_dir import OutputLock, prepare_output_dir
+
+EXPORT_FILE = re.compile(r"_gtFine_label(level\d)?Ids\.png$")
+PARTIAL_SUFFIX = ".partial"
 
 
 def export_suffix(level: int | None) -> str:
@@ -53,3 +67,67 @@ def write_prediction(prediction: np.ndarray, lookup: np.ndarray | None, target: 
     """Write a uint8 label map, through ``lookup`` when given, as a greyscale PNG at ``target`` (atomically)."""
     exported = Image.fromarray(prediction if lookup is None else lookup[prediction])
     return write_atomically(target, lambda stream: exported.save(stream, format="PNG"))
+
+
+class StagedExport:
+    """``--export_predictions``: checked and locked before any work, written aside, swapped in whole by `swap_in`.
+
+    ``with StagedExport(target, output_dir, script) as export:`` raises `EvalInputError` (one line) for a target
+    that is a file, is ``output_dir``, holds it or one of its outputs, or holds anything but exported predictions
+    (the folder is replaced as a whole), and `OutputDirError` where the staging folder cannot be created or written
+    or another run holds it; ``export.folder`` is then an empty folder to write into. Leaving the block removes the
+    staging folder.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], output_dir: str | os.PathLike[str], script: str) -> None:
+        self.target = Path(target).expanduser()
+        self.output_dir = Path(output_dir).expanduser()
+        self.root = self.target.with_name(self.target.name + PARTIAL_SUFFIX)
+        self.folder = self.root / "predictions"
+        self._lock = OutputLock(self.root, script)
+
+    def _check_target(self) -> None:
+        target, output_dir = self.target.resolve(), self.output_dir.resolve()
+        if (target == output_dir or target in output_dir.parents
+                or (target.parent == output_dir and target.name in OUTPUT_NAMES)):
+            raise EvalInputError(f"--export_predictions {self.target}: would replace --output_dir {self.output_dir} "
+                                 "or its outputs; pick another folder")
+        if self.target.is_file():
+            raise EvalInputError(f"--export_predictions {self.target}: is a file, not a folder")
+        if not self.target.is_dir():
+            return
+        for path in self.target.rglob("*"):
+            if path.is_symlink() or (path.is_file() and not EXPORT_FILE.search(path.name)):
+                raise EvalInputError(
+                    f"--export_predictions {self.target}: holds {path.relative_to(self.target)}, which is not an "
+                    "exported prediction; the folder is replaced as a whole, so pick a new or empty folder"
+                )
+
+    def __enter__(self) -> StagedExport:
+        self._check_target()
+        prepare_output_dir(self.root, "--export_predictions")
+        self._lock.__enter__()
+        try:
+            # What a killed run left here is incomplete: start again from nothing.
+            for leftover in (self.folder, self.root / "previous"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            self.folder.mkdir()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def swap_in(self) -> Path:
+        """Put the finished export in place of the target (the earlier export goes, never half of it)."""
+        previous = self.root / "previous"
+        if self.target.exists() or self.target.is_symlink():
+            os.rename(self.target, previous)
+        os.rename(self.folder, self.target)
+        return self.target
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        # The staging folder goes with its lock held, finished or not: a failed run leaves nothing behind.
+        shutil.rmtree(self.root, ignore_errors=True)
+        self._lock.__exit__(exc_type, exc, traceback)

@@ -16,6 +16,10 @@ IDD_PREFIX = "idd-level"
 FLOAT32_EXACT_LIMIT = 1 << 24
 
 
+class LabelSetError(ValueError):
+    """A label set that cannot be used; the message names it (or its file) and the problem in one line."""
+
+
 class RawLabel(NamedTuple):
     """One row of the official AutoNUE label table (``helpers/anue_labels.py``)."""
 
@@ -170,7 +174,7 @@ def raw_name_to_id(level: int = 3) -> dict[str, int]:
 def idd_label_set(level: int = 3) -> LabelSet:
     """The official IDD label set at ``level`` (1-4), with mappings to every coarser level."""
     if level not in IDD_LEVELS:
-        raise ValueError(f"IDD level must be one of {IDD_LEVELS}, got {level}")
+        raise LabelSetError(f"IDD level must be one of {IDD_LEVELS}, got {level}")
     first_rows = _first_row_per_id(f"level{level}")
     if level == 4:
         level3_names = set(LEVEL3_NAMES)
@@ -214,25 +218,73 @@ def custom_label_set(name: str, id2label: dict[int, str], colors: dict | None = 
     return LabelSet(name, dict(id2label), palette)
 
 
+def _no_duplicate_keys(path: Path, pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads keeps the last of two equal keys silently; a class listed twice is a mistake to report.
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise LabelSetError(f"{path}: key {repeated[0]!r} appears more than once")
+    return dict(pairs)
+
+
+def _parse_colors(path: Path, raw: object, id2label: dict[int, str]) -> dict[int, tuple[int, int, int]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LabelSetError(f"{path}: 'colors' must map class ids to [R, G, B]")
+    colors = {}
+    for key, value in raw.items():
+        if not (isinstance(key, str) and key.strip().lstrip("-").isdigit() and int(key) in id2label):
+            raise LabelSetError(f"{path}: colour for {key!r}, which is not a class id of this label set")
+        if not (isinstance(value, list) and len(value) == 3
+                and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)):
+            raise LabelSetError(f"{path}: colour of class {key} must be [R, G, B] with integers 0-255, got {value!r}")
+        colors[int(key)] = tuple(value)
+    return colors
+
+
 def load_id2label_file(path: str | Path) -> LabelSet:
-    """A custom label set from a JSON file: ``{"0": "road", ...}`` or ``{"id2label": {...}, "colors": {...}}``."""
+    """A custom label set from a JSON file: ``{"0": "road", ...}`` or ``{"id2label": {...}, "colors": {...}}``.
+
+    Raises `LabelSetError` naming the file for a missing or unreadable file, text that is not a JSON object, ids
+    that are not integers 0..N-1 without gaps or repeats, empty or repeated class names, more than 255 classes
+    (255 means ignore) or malformed colours.
+    """
     path = Path(path)
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read label set JSON ({err})") from err
-    id2label_raw = payload.get("id2label", payload) if isinstance(payload, dict) else None
-    if not isinstance(id2label_raw, dict) or not id2label_raw:
-        raise ValueError(f"{path}: expected a JSON object mapping class ids to names")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LabelSetError(f"{path}: label set file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise LabelSetError(f"{path}: cannot read the label set file ({err})") from err
     try:
-        id2label = {int(k): str(v) for k, v in id2label_raw.items()}
-    except ValueError as err:
-        raise ValueError(f"{path}: class ids must be integers ({err})") from err
+        payload = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicate_keys(path, pairs))
+    except json.JSONDecodeError as err:
+        raise LabelSetError(f"{path}: not valid JSON ({err})") from err
+    wrapped = isinstance(payload, dict) and "id2label" in payload
+    id2label_raw = payload["id2label"] if wrapped else payload
+    if not isinstance(id2label_raw, dict) or not id2label_raw:
+        raise LabelSetError(f"{path}: expected a JSON object mapping class ids to names, e.g. {{\"0\": \"road\"}}")
+    id2label: dict[int, str] = {}
+    for key, name in id2label_raw.items():
+        if not key.strip().lstrip("-").isdigit():
+            raise LabelSetError(f"{path}: class ids must be integers, got {key!r}")
+        if int(key) in id2label:
+            raise LabelSetError(f"{path}: class id {int(key)} appears more than once")
+        if not isinstance(name, str) or not name.strip():
+            raise LabelSetError(f"{path}: the name of class {key} must be a non-empty string, got {name!r}")
+        id2label[int(key)] = name
+    if len(id2label) > IGNORE_INDEX:
+        raise LabelSetError(f"{path}: {len(id2label)} classes, at most {IGNORE_INDEX} are supported (255 means ignore)")
     if sorted(id2label) != list(range(len(id2label))):
-        raise ValueError(f"{path}: class ids must be 0..{len(id2label) - 1} without gaps, got {sorted(id2label)}")
-    if len(id2label) >= IGNORE_INDEX:
-        raise ValueError(f"{path}: at most {IGNORE_INDEX} classes are supported (255 means ignore)")
-    return custom_label_set(path.stem, id2label, payload.get("colors") if "id2label" in payload else None)
+        missing = sorted(set(range(len(id2label))) - set(id2label))
+        raise LabelSetError(f"{path}: class ids must be 0..{len(id2label) - 1} without gaps; missing {missing[:5]}")
+    names = list(id2label.values())
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise LabelSetError(f"{path}: class name {repeated!r} is given to more than one id")
+    colors = _parse_colors(path, payload.get("colors") if wrapped else None, id2label)
+    return custom_label_set(path.stem, dict(sorted(id2label.items())), colors)
 
 
 def get_label_set(spec: str = "idd-level3") -> LabelSet:
@@ -244,7 +296,7 @@ def get_label_set(spec: str = "idd-level3") -> LabelSet:
         return idd_label_set(level)
     if spec.endswith(".json") or Path(spec).is_file():
         return load_id2label_file(spec)
-    raise ValueError(
+    raise LabelSetError(
         f"unknown label set {spec!r}: use idd-level1, idd-level2, idd-level3, idd-level4 "
         "or the path of an id2label JSON file"
     )

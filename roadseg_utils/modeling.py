@@ -1,12 +1,25 @@
-"""Loading or building Mask2Former and its image processor: Hub id, local folder or offline tiny config."""
+"""Loading or building Mask2Former and its image processor: Hub id, local folder or offline tiny config.
+
+A local folder is checked before any weight is read, from its headers alone: ``config.json`` must be a Mask2Former
+config, a weights file must be there, safetensors headers must describe exactly the bytes the file holds (a
+truncated file fails here) and a ``pytorch_model.bin`` archive must have its central directory; a folder marked
+``RUN_INCOMPLETE`` by an unfinished run is refused. ``pytorch_model.bin`` is read with ``weights_only=True``, so a
+pickle that asks to run code is refused, never run. Every failure is a `ModelLoadError` of one line.
+"""
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
+import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import transformers
+from safetensors import SafetensorError
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 from transformers.utils import is_torchvision_available
 from transformers.utils import logging as hf_logging
@@ -14,12 +27,18 @@ from transformers.utils import logging as hf_logging
 from .cli import one_line
 from .hub import hub_is_reachable
 from .labels import IGNORE_INDEX, LabelSet
+from .output_dir import INCOMPLETE_FILE, is_incomplete
 
 logger = hf_logging.get_logger(__name__)
 
 TINY_MODEL = "tiny"
 DEFAULT_CHECKPOINT = "facebook/mask2former-swin-small-cityscapes-semantic"
 TINY_SHORTEST_EDGE = 512
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX)
+# Largest safetensors header accepted (the format's own limit is 100 MB); more means a corrupt length field.
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 class ModelLoadError(RuntimeError):
@@ -62,11 +81,85 @@ def build_tiny_config(label_set: LabelSet) -> Mask2FormerConfig:
     )
 
 
-def _check_local_folder(path: Path) -> None:
-    if not path.is_dir():
-        raise ModelLoadError(f"{path}: model folder not found")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path}: no config.json in this folder, so it is not a saved model")
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path}: {what} is not readable JSON ({one_line(err)})") from err
+    if not isinstance(payload, dict):
+        raise ModelLoadError(f"{path}: {what} must be a JSON object")
+    return payload
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header of a safetensors file parses and its tensors end exactly where the file ends."""
+    size = path.stat().st_size
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise ModelLoadError(f"{path}: truncated or corrupt safetensors file (header length {length}, "
+                                 f"file {size} bytes)")
+        try:
+            header = json.loads(stream.read(length))
+            ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError) as err:
+            raise ModelLoadError(f"{path}: corrupt safetensors header ({one_line(err)})") from err
+    if max(ends, default=0) != size - 8 - length:
+        raise ModelLoadError(f"{path}: truncated or corrupt safetensors file: its header describes "
+                             f"{max(ends, default=0)} bytes of tensors, the file holds {size - 8 - length}")
+
+
+def _check_torch_archive(path: Path) -> None:
+    # torch.save writes a zip archive whose central directory is at the end: a truncated file loses it.
+    with open(path, "rb") as stream:
+        legacy_pickle = stream.read(1) == b"\x80"
+    if not legacy_pickle and not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: truncated or corrupt PyTorch weights file (not a readable archive)")
+
+
+def _check_weights(folder: Path) -> None:
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        raise ModelLoadError(f"{folder}: no weights in this folder ({' or '.join(WEIGHT_FILES[::2])})")
+    first = present[0]
+    if first.endswith(".index.json"):
+        weight_map = _read_json_object(folder / first, "the weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{folder / first}: the weights index has no weight_map")
+        shards = sorted({str(name) for name in weight_map.values()})
+    else:
+        shards = [first]
+    for shard in shards:
+        path = folder / shard
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: weights file named by {first} is missing")
+        if shard.endswith(".safetensors"):
+            _check_safetensors(path)
+        else:
+            _check_torch_archive(path)
+
+
+def check_model_folder(folder: str | Path) -> dict[str, Any]:
+    """Check a saved model folder from its headers alone and return its ``config.json``; `ModelLoadError` if bad."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: model folder not found" if not folder.exists() else
+                             f"{folder}: not a folder (a model is a folder with config.json and weights)")
+    if is_incomplete(folder):
+        raise ModelLoadError(f"{folder}: left by a run that did not finish ({INCOMPLETE_FILE} is there); rerun it to "
+                             "complete the folder, or pick a checkpoint-* folder inside it")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{folder}: no config.json in this folder, so it is not a saved model")
+    config = _read_json_object(folder / "config.json", "config.json")
+    if config.get("model_type") != "mask2former":
+        raise ModelLoadError(f"{folder / 'config.json'}: not a Mask2Former config (model_type "
+                             f"{config.get('model_type')!r})")
+    id2label = config.get("id2label", {})
+    if not isinstance(id2label, dict) or not all(str(key).isdigit() for key in id2label):
+        raise ModelLoadError(f"{folder / 'config.json'}: id2label must map class ids to names, got {id2label!r:.80}")
+    _check_weights(folder)
+    return config
 
 
 def load_model(
@@ -86,11 +179,10 @@ def load_model(
         logger.info("building a randomly initialised tiny Mask2Former (offline)")
         return Mask2FormerForUniversalSegmentation(build_tiny_config(label_set))
     local = Path(model_name_or_path).expanduser()
-    if local.exists() or model_name_or_path.startswith((".", "/", "~")):
-        _check_local_folder(local)
-        source = str(local)
-    else:
-        source = model_name_or_path
+    is_local = local.exists() or model_name_or_path.startswith((".", "/", "~"))
+    if is_local:
+        check_model_folder(local)
+    source = str(local) if is_local else model_name_or_path
     try:
         head = {} if label_set is None else {
             "id2label": dict(label_set.id2label), "label2id": label_set.label2id, "ignore_mismatched_sizes": True
@@ -103,11 +195,21 @@ def load_model(
             token=token,
             cache_dir=cache_dir,
             # Offline, go straight to the local cache instead of waiting through the Hub client's retries.
-            local_files_only=source == model_name_or_path and not hub_is_reachable(),
+            local_files_only=not is_local and not hub_is_reachable(),
+            # A pickle in pytorch_model.bin may only rebuild tensors: one that asks to run code is refused.
+            weights_only=True,
         )
-    except (OSError, ValueError) as err:
-        if source != model_name_or_path:
-            raise ModelLoadError(f"{source}: cannot load the model ({one_line(err)})") from err
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False, which is the one thing not to do with an unknown file.
+        asked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise ModelLoadError(
+            f"{source}: refused to load its PyTorch weights: the pickle asks for "
+            f"{asked.group(1) if asked else 'objects other than tensors'}, which could run code; only tensors are "
+            "read (save the model again as safetensors from a copy you trust)"
+        ) from err
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, SafetensorError) as err:
+        if is_local:
+            raise ModelLoadError(f"{source}: cannot load the model ({one_line(err)[:300]})") from err
         raise ModelLoadError(
             f"cannot fetch {model_name_or_path!r} from the Hugging Face Hub (offline, or no such model): "
             f"pass a local model folder or --model_name_or_path {TINY_MODEL}"
@@ -133,14 +235,18 @@ def load_image_processor(model_name_or_path: str, shortest_edge: int | None = No
     if model_name_or_path == TINY_MODEL:
         overrides.setdefault("size", {"shortest_edge": TINY_SHORTEST_EDGE, "longest_edge": TINY_SHORTEST_EDGE * 4})
         return processor_cls(**overrides)
-    is_local = Path(model_name_or_path).expanduser().exists()
+    local = Path(model_name_or_path).expanduser()
+    is_local = local.exists()
+    if is_local and (local / "preprocessor_config.json").is_file():
+        _read_json_object(local / "preprocessor_config.json", "the image processor config")
     try:
         return processor_cls.from_pretrained(
             model_name_or_path, local_files_only=not is_local and not hub_is_reachable(), **overrides
         )
-    except OSError as err:
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        where = "no usable preprocessor_config.json" if is_local else "offline, or no preprocessor_config.json"
         raise ModelLoadError(
-            f"cannot load the image processor of {model_name_or_path!r} (offline, or no preprocessor_config.json)"
+            f"cannot load the image processor of {model_name_or_path!r} ({where}: {one_line(err)[:200]})"
         ) from err
 
 

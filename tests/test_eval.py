@@ -367,7 +367,8 @@ def test_label_set_disagreeing_with_the_model_names_both(capsys, syn_dir, model_
     line = _error_line(capsys, ["--model_name_or_path", str(model_dir), "--data_dir", str(syn_dir),
                                 "--label_set", "idd-level1", "--output_dir", str(tmp_path / "ev")])
     assert str(model_dir) in line and "idd-level1" in line and "26 classes" in line and "7 classes" in line
-    assert not (tmp_path / "ev").exists()
+    # The folder was checked and locked before the model was read; nothing was written into it.
+    assert [p.name for p in (tmp_path / "ev").iterdir()] == [".roadseg.lock"]
 
 
 def test_ground_truth_of_another_size_names_the_file(capsys, syn_dir, model_dir, tmp_path):

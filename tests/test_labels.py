@@ -9,6 +9,7 @@ import pytest
 
 from roadseg_utils.labels import (
     RAW_LABELS,
+    LabelSetError,
     get_label_set,
     idd_label_set,
     load_id2label_file,
@@ -79,15 +80,30 @@ def test_custom_label_file(tmp_path):
         ("[1, 2]", "JSON object"),
         ('{"0": "a", "2": "b"}', "without gaps"),
         ('{"x": "a"}', "integers"),
-        ("{", "cannot read"),
+        ("{", "not valid JSON"),
+        ('{"0": "a", "0": "b"}', "'0' appears more than once"),
+        ('{"0": "a", "00": "b"}', "class id 0 appears more than once"),
+        ('{"0": "a", "1": "a"}', "class name 'a' is given to more than one id"),
+        ('{"0": ""}', "non-empty string"),
+        ('{"id2label": {"0": "a"}, "colors": {"0": [1, 2]}}', "colour of class 0"),
+        ('{"id2label": {"0": "a"}, "colors": {"3": [1, 2, 3]}}', "not a class id"),
+        (json.dumps({str(i): f"c{i}" for i in range(256)}), "256 classes, at most 255"),
     ],
 )
 def test_bad_custom_label_files_name_the_file(tmp_path, payload, problem):
     path = tmp_path / "bad.json"
     path.write_text(payload)
-    with pytest.raises(ValueError, match=problem) as info:
+    with pytest.raises(LabelSetError, match=problem) as info:
         load_id2label_file(path)
-    assert str(path) in str(info.value)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_255_classes_fit_and_a_missing_file_is_named(tmp_path):
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps({str(i): f"c{i}" for i in range(255)}))
+    assert load_id2label_file(path).num_labels == 255
+    with pytest.raises(LabelSetError, match="label set file not found"):
+        get_label_set(str(tmp_path / "missing.json"))
 
 
 def test_unknown_label_set_is_a_clear_error():

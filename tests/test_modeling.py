@@ -72,6 +72,28 @@ def test_bad_local_folders(tmp_path):
         load_model(str(tmp_path), idd_label_set(3))
 
 
+def test_sharded_and_pytorch_bin_folders_pass_the_header_check(saved_tiny, tmp_path):
+    _, original = saved_tiny
+    original.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    (tmp_path / "bin").mkdir()
+    original.config.save_pretrained(tmp_path / "bin")
+    torch.save(original.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    for folder in (tmp_path / "sharded", tmp_path / "bin"):
+        assert modeling.check_model_folder(folder)["model_type"] == "mask2former"
+        model = load_model(str(folder), None)
+        for (name, a), (_, b) in zip(original.state_dict().items(), model.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_relative_folder_errors_name_the_folder_not_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{")
+    with pytest.raises(ModelLoadError, match="mine/config.json: config.json is not readable JSON"):
+        load_model("mine", None)
+
+
 def test_image_processor_ignores_255_and_round_trips(saved_tiny):
     folder, _ = saved_tiny
     processor = load_image_processor(str(folder))
