@@ -251,6 +251,9 @@ def load_id2label_file(path: str | Path) -> LabelSet:
     (255 means ignore) or malformed colours.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # Reading a FIFO or a device would block forever.
+        raise LabelSetError(f"{path}: the label set is not a regular file (a directory, FIFO or device)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -261,6 +264,8 @@ def load_id2label_file(path: str | Path) -> LabelSet:
         payload = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicate_keys(path, pairs))
     except json.JSONDecodeError as err:
         raise LabelSetError(f"{path}: not valid JSON ({err})") from err
+    except RecursionError:
+        raise LabelSetError(f"{path}: JSON nested too deeply to be a label set") from None
     wrapped = isinstance(payload, dict) and "id2label" in payload
     id2label_raw = payload["id2label"] if wrapped else payload
     if not isinstance(id2label_raw, dict) or not id2label_raw:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from roadseg_utils.labels import (
     raw_name_to_id,
 )
 
-# From DESIGN.md's table: (level-3 id, name, colour, level-2 id, level-1 id) for a sample of rows.
+# From docs/DESIGN.md's table: (level-3 id, name, colour, level-2 id, level-1 id) for a sample of rows.
 DESIGN_ROWS = [
     (0, "road", (128, 64, 128), 0, 0),
     (1, "drivable fallback", (81, 0, 81), 1, 0),
@@ -111,3 +112,15 @@ def test_unknown_label_set_is_a_clear_error():
         get_label_set("cityscapes")
     with pytest.raises(ValueError, match="level must be one of"):
         get_label_set("idd-level5")
+
+
+def test_label_set_fifo_and_deep_nesting_are_one_line_errors(tmp_path):
+    fifo = tmp_path / "labels.json"
+    os.mkfifo(fifo)
+    # A FIFO nobody writes to would block a plain read forever; the check must answer at once.
+    with pytest.raises(LabelSetError, match="not a regular file"):
+        load_id2label_file(fifo)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LabelSetError, match="nested too deeply"):
+        load_id2label_file(deep)
