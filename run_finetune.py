@@ -9,16 +9,24 @@ Examples:
 
 The defaults reproduce the seed baseline: facebook/mask2former-swin-small-cityscapes-semantic, 2 epochs, batch 8
 per device, Adam (AdamW with weight decay 0) at a constant learning rate of 5e-5, splits of 85.5 / 4.5 / 10 %.
-A rerun with the same --output_dir resumes from its last checkpoint.
+A rerun with the same --output_dir resumes from its newest complete checkpoint.
+
+Before any expensive step the script checks its arguments, that --output_dir can be written, that no other run
+writes into it (a lock held for the whole run), and, once the data is loaded, that the folder holds no outputs of a
+run with other data, labels or model. ``RUN_INCOMPLETE`` marks the folder from then until the last output is
+written. Every refusal is one line ``run_finetune.py: error: ...`` and exit status 1.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import sys
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,15 +37,22 @@ import torch
 import transformers
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging as hf_logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
 from roadseg_utils.atomic import write_text_atomically
 from roadseg_utils.card import FinetuneCardInfo, strip_prefix, training_hyperparameters, write_finetune_card
+from roadseg_utils.checkpoints import (
+    checkpoint_folders,
+    checkpoint_problem,
+    newest_complete_checkpoint,
+    remove_stale_staging,
+)
 from roadseg_utils.cli import one_line, parse_size
 from roadseg_utils.data import (
     SPLITS,
+    BadSampleGuard,
     DataError,
     DataSourceArguments,
     dataset_column,
@@ -50,6 +65,13 @@ from roadseg_utils.freezing import FROZEN_PARTS
 from roadseg_utils.hub import HubPublishError, require_hub
 from roadseg_utils.labels import LabelSet, get_label_set
 from roadseg_utils.modeling import DEFAULT_CHECKPOINT, TINY_MODEL, ModelLoadError, load_image_processor, load_model
+from roadseg_utils.output_dir import (
+    IncompleteMarker,
+    OutputDirError,
+    OutputLock,
+    claim_output_dir,
+    prepare_output_dir,
+)
 from roadseg_utils.selection import select_training_rows
 from roadseg_utils.trainer import (
     EpochSeededDataset,
@@ -62,6 +84,7 @@ from roadseg_utils.visualize import save_score_charts
 
 logger = hf_logging.get_logger(__name__)
 
+SCRIPT = "run_finetune.py"
 RESULTS_FILE = "all_results.json"
 SPLITS_FILE = "data_splits.json"
 
@@ -115,8 +138,11 @@ class DataTrainingArguments(DataSourceArguments):
             self.crop = parse_size(self.crop_size)
         except ValueError as err:
             raise ValueError(f"--crop_size: {err}") from err
-        if not 0 < self.min_scale <= self.max_scale:
-            raise ValueError(f"need 0 < min_scale <= max_scale, got {self.min_scale} and {self.max_scale}")
+        if not (0 < self.min_scale <= self.max_scale and math.isfinite(self.max_scale)):
+            raise ValueError(f"--min_scale and --max_scale need 0 < min_scale <= max_scale < inf, got {self.min_scale} "
+                             f"and {self.max_scale}")
+        if self.selection_manifest is not None and not os.path.isfile(self.selection_manifest):
+            raise ValueError(f"--selection_manifest {self.selection_manifest}: no such file")
         if self.eval_shortest_edge is not None and self.eval_shortest_edge < 0:
             raise ValueError(f"eval_shortest_edge must be >= 0, got {self.eval_shortest_edge}")
 
@@ -155,14 +181,72 @@ class FinetuneTrainingArguments(TrainingArguments):
     label_names: list[str] | None = field(
         default_factory=lambda: ["mask_labels", "class_labels"], metadata={"help": "Label keys of a batch."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the outputs of another run in --output_dir and start over (its checkpoints are "
+                  "deleted) instead of refusing a folder of other inputs or resuming in it."},
+    )
+
+    def __post_init__(self) -> None:
+        problem = training_argument_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        super().__post_init__()
 
     def __getstate__(self) -> dict[str, Any]:
         # The Trainer pickles these arguments into training_args.bin (output folder, checkpoints, Hub): never a token.
         return {key: None if key.endswith("_token") else value for key, value in self.__dict__.items()}
 
 
+def _at_least_one(value: float) -> bool:
+    return value >= 1
+
+
+def _finite_non_negative(value: float) -> bool:
+    return 0 <= value < math.inf
+
+
+TRAINING_ARGUMENT_RULES = [
+    ("per_device_train_batch_size", _at_least_one, "at least 1"),
+    ("per_device_eval_batch_size", _at_least_one, "at least 1"),
+    ("gradient_accumulation_steps", _at_least_one, "at least 1"),
+    ("learning_rate", _finite_non_negative, "a finite number >= 0"),
+    ("weight_decay", _finite_non_negative, "a finite number >= 0"),
+    ("num_train_epochs", _finite_non_negative, "a finite number >= 0"),
+    ("max_grad_norm", math.isfinite, "a finite number"),
+    ("adam_beta1", lambda value: 0 <= value < 1, "in [0, 1)"),
+    ("adam_beta2", lambda value: 0 <= value < 1, "in [0, 1)"),
+    ("adam_epsilon", lambda value: 0 < value < math.inf, "a finite number > 0"),
+    ("max_steps", lambda value: value != 0, "positive, or -1 to train for --num_train_epochs"),
+    ("dataloader_num_workers", lambda value: value >= 0, ">= 0"),
+    ("seed", lambda value: 0 <= value < 2**32, "in 0..2**32-1"),
+]
+
+
+def training_argument_problem(args: TrainingArguments) -> str | None:
+    """The first training argument that cannot work, as one line naming the option, or None."""
+    for name, ok, requirement in TRAINING_ARGUMENT_RULES:
+        if not ok(getattr(args, name)):
+            return f"--{name} must be {requirement}, got {getattr(args, name)}"
+    for name in ("save", "eval", "logging"):
+        strategy, steps = getattr(args, f"{name}_strategy"), getattr(args, f"{name}_steps")
+        if str(getattr(strategy, "value", strategy)) == "steps" and steps is not None and not 0 < steps < math.inf:
+            return f"--{name}_steps must be a positive number with --{name}_strategy steps, got {steps}"
+    if args.do_train and args.max_steps < 0 and args.num_train_epochs == 0:
+        return "--num_train_epochs 0 trains nothing: give a positive number of epochs or --max_steps"
+    return None
+
+
 class CommandLineError(Exception):
     """Bad arguments, data or checkpoint: reported as one line, and the script exits with status 1."""
+
+
+class OneLineParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors become `CommandLineError` (argparse would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the error instead of printing the usage and exiting."""
+        raise CommandLineError(message)
 
 
 def parse_arguments(
@@ -170,10 +254,22 @@ def parse_arguments(
 ) -> tuple[ModelArguments, DataTrainingArguments, FinetuneTrainingArguments]:
     """Parse the command line, or a single ``.json`` file holding every argument."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FinetuneTrainingArguments))
+    parser = OneLineParser((ModelArguments, DataTrainingArguments, FinetuneTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        try:
+            config = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise CommandLineError(f"{argv[0]}: cannot read the argument file ({err.strerror})") from err
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CommandLineError(f"{argv[0]}: not a JSON argument file ({one_line(err)})") from err
+        if not isinstance(config, dict):
+            raise CommandLineError(f"{argv[0]}: expected a JSON object of option names and values, "
+                                   f"got {type(config).__name__}")
+        try:
+            return parser.parse_dict(config)
+        except (ValueError, TypeError) as err:
+            raise CommandLineError(f"{argv[0]}: {one_line(err)}") from err
     try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
         return parser.parse_args_into_dataclasses(args=argv)
     except (ValueError, OSError) as err:
         raise CommandLineError(one_line(err)) from err
@@ -199,8 +295,45 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 def fail(message: str) -> NoReturn:
     """Print one error line and exit with status 1."""
-    print(f"run_finetune.py: error: {message}", file=sys.stderr)
+    print(f"{SCRIPT}: error: {message}", file=sys.stderr)
     raise SystemExit(1)
+
+
+def checkpoint_to_resume(training_args: FinetuneTrainingArguments) -> str | None:
+    """The checkpoint to resume from: --resume_from_checkpoint if complete, else the newest complete one in output_dir.
+
+    Newer checkpoints a killed run left partial are logged and passed over. An incomplete --resume_from_checkpoint
+    raises `CommandLineError`.
+    """
+    world_size, with_optimizer = training_args.world_size, not training_args.save_only_model
+    named = training_args.resume_from_checkpoint
+    if named:
+        problem = checkpoint_problem(named, world_size, with_optimizer)
+        if problem is not None:
+            raise CommandLineError(f"--resume_from_checkpoint {named}: {problem}; name a complete checkpoint")
+        return named
+    if not training_args.do_train or training_args.overwrite_output_dir:
+        return None
+    newest, skipped = newest_complete_checkpoint(training_args.output_dir, world_size, with_optimizer)
+    for folder, problem in skipped:
+        logger.warning(f"not resuming from {folder}: {problem} (a run stopped while writing it)")
+    return str(newest) if newest is not None else None
+
+
+def run_identity(
+    model_args: ModelArguments, data_args: DataTrainingArguments, label_set: LabelSet, splits: Mapping[str, Any],
+    train_rows: Any,
+) -> dict[str, Any]:
+    """What the outputs of a run depend on: a rerun with other values must not resume or mix with them."""
+    source = data_args.describe_source()
+    return {
+        "data": os.path.abspath(source) if os.path.exists(source) else source,
+        "splits": {name: paths_fingerprint(dataset_column(splits[name], "path")) for name in SPLITS},
+        "trained_on": paths_fingerprint(dataset_column(train_rows, "path")),
+        "label_set": label_set.name,
+        "labels": [label_set.id2label[i] for i in range(label_set.num_labels)],
+        "model": model_args.model_name_or_path,
+    }
 
 
 def save_split_plots(
@@ -221,16 +354,36 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     setup_logging(training_args)
     logger.info(f"Training/evaluation parameters {training_args}")
     set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    with ExitStack() as locked:
+        try:
+            # Under DDP the main process checks, locks, claims and marks the folder for all processes.
+            if training_args.process_index == 0:
+                output_dir = prepare_output_dir(output_dir)
+                locked.enter_context(OutputLock(output_dir, SCRIPT))
+                for stale in remove_stale_staging(output_dir):
+                    logger.info(f"deleted {stale}, left by a run that stopped while saving")
+            checkpoint = checkpoint_to_resume(training_args)
+        except (OutputDirError, CommandLineError) as err:
+            fail(str(err))
+        trainer, results = finetune(model_args, data_args, training_args, output_dir, checkpoint, callbacks)
+        if training_args.push_to_hub:
+            try:
+                trainer.push_to_hub(commit_message="roadseg run_finetune.py")
+            except (HfHubHTTPError, OSError) as err:
+                fail(f"push to the Hub failed: {one_line(err)}")
+    return results
 
-    if training_args.resume_from_checkpoint and not os.path.isdir(training_args.resume_from_checkpoint):
-        fail(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no such checkpoint folder")
-    last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"resuming from {last_checkpoint} (use another --output_dir to start from scratch)")
-    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
 
+def finetune(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    training_args: FinetuneTrainingArguments,
+    output_dir: Path,
+    checkpoint: str | None,
+    callbacks: list[TrainerCallback] | None,
+) -> tuple[FrozenBackboneTrainer, dict[str, Any]]:
+    """Load, claim the checked and locked output folder, train, evaluate and save; the trainer and the results."""
     try:
         if training_args.push_to_hub:
             require_hub("--push_to_hub")
@@ -257,37 +410,90 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         training_args.do_eval = False
         training_args.eval_strategy = IntervalStrategy.NO
 
+    # RUN_INCOMPLETE stays if anything below fails: until the last output is written, the folder's files may be
+    # partial or mix two runs.
+    with ExitStack() as marked:
+        if training_args.process_index == 0:
+            identity = run_identity(model_args, data_args, label_set, splits, train_rows)
+            try:
+                claim_output_dir(output_dir, SCRIPT, identity, overwrite=training_args.overwrite_output_dir)
+            except OutputDirError as err:
+                fail(str(err))
+            marked.enter_context(IncompleteMarker(output_dir, SCRIPT))
+            if training_args.overwrite_output_dir:
+                for folder in checkpoint_folders(output_dir):
+                    logger.info(f"--overwrite_output_dir: deleting {folder} of the earlier run")
+                    shutil.rmtree(folder)
+        if checkpoint is not None:
+            logger.info(f"resuming from {checkpoint} (use another --output_dir to start from scratch)")
+        sets = guarded_datasets(data_args, training_args, image_processor, splits, train_rows)
+        try:
+            trainer = FrozenBackboneTrainer(
+                model=model,
+                args=training_args,
+                frozen_parts=model_args.frozen_parts,
+                label_set=label_set,
+                train_dataset=sets["train"] if training_args.do_train else None,
+                eval_dataset=sets["validation"] if training_args.do_eval else None,
+                processing_class=image_processor,
+                callbacks=callbacks,
+            )
+        except (HfHubHTTPError, OSError, ValueError) as err:
+            fail(f"cannot set up training: {one_line(err)}")
+        try:
+            results, evaluated, confusions = train_and_evaluate(trainer, training_args, sets, checkpoint)
+            if trainer.is_world_process_zero():
+                write_outputs(trainer, model_args, data_args, training_args, output_dir, label_set, splits,
+                              train_rows, selection, results, evaluated, confusions)
+        except DataError as err:
+            fail(one_line(err))
+        except OSError as err:
+            fail(f"{one_line(err)}; rerun the same command to resume from the last complete checkpoint")
+        except KeyboardInterrupt:
+            fail("interrupted; rerun the same command to resume from the last complete checkpoint")
+    return trainer, results
+
+
+def guarded_datasets(
+    data_args: DataTrainingArguments,
+    training_args: FinetuneTrainingArguments,
+    image_processor: Any,
+    splits: Mapping[str, Any],
+    train_rows: Any,
+) -> dict[str, Any]:
+    """The transformed train, validation and test datasets, each applying --on_bad_sample to rows read later.
+
+    A sample found bad only when a DataLoader worker decodes it gets the start-up policy: training substitutes the
+    next good one (inside the epoch seeding, so a resumed run draws the same), evaluation leaves it out.
+    """
     mean, std = image_processor.image_mean, image_processor.image_std
     train_transform = build_train_transforms(
         data_args.crop, mean, std, scale_range=(data_args.min_scale, data_args.max_scale)
     )
     eval_transform = make_transform_fn(build_eval_transforms(data_args.eval_edge, mean, std), keep_originals=True)
-    train_dataset = EpochSeededDataset(
-        with_sample_transform(train_rows, make_transform_fn(train_transform, keep_originals=False)), training_args.seed
-    )
-    eval_dataset = with_sample_transform(splits["validation"], eval_transform)
-    test_dataset = with_sample_transform(splits["test"], eval_transform)
+    policy, source = data_args.on_bad_sample, data_args.describe_source()
+    train = with_sample_transform(train_rows, make_transform_fn(train_transform, keep_originals=False))
+    guarded = {"train": EpochSeededDataset(BadSampleGuard(train, policy, substitute=True, source=source),
+                                           training_args.seed)}
+    for name in ("validation", "test"):
+        evaluated = with_sample_transform(splits[name], eval_transform)
+        guarded[name] = BadSampleGuard(evaluated, policy, substitute=False, source=source)
+    return guarded
 
-    try:
-        trainer = FrozenBackboneTrainer(
-            model=model,
-            args=training_args,
-            frozen_parts=model_args.frozen_parts,
-            label_set=label_set,
-            train_dataset=train_dataset if training_args.do_train else None,
-            eval_dataset=eval_dataset if training_args.do_eval else None,
-            processing_class=image_processor,
-            callbacks=callbacks,
-        )
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        fail(f"cannot set up training: {one_line(err)}")
 
+def train_and_evaluate(
+    trainer: FrozenBackboneTrainer,
+    training_args: FinetuneTrainingArguments,
+    sets: Mapping[str, Any],
+    checkpoint: str | None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Train (resuming from ``checkpoint``) and score; the results, and the scores and confusions per split."""
     results: dict[str, Any] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         # _internal_call: with --push_to_hub, save_model would push a "Model save" commit without metrics or card.
         trainer.save_model(_internal_call=True)
-        train_metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
+        train_metrics = {**train_result.metrics, "train_samples": len(sets["train"])}
         train_metrics.update({f"train_{key}": value for key, value in peak_memory_metrics().items()})
         trainer.log_metrics("train", train_metrics)
         trainer.save_state()
@@ -295,77 +501,83 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     evaluated, confusions = {}, {}
     if training_args.do_eval:
         metrics = final_evaluation_from_training(trainer) or trainer.evaluate(
-            eval_dataset=eval_dataset, metric_key_prefix="eval"
+            eval_dataset=sets["validation"], metric_key_prefix="eval"
         )
         trainer.log_metrics("eval", metrics)
         results.update(metrics)
         evaluated["validation"] = strip_prefix(metrics, "eval")
         confusions["validation"] = (trainer.compute_metrics.last_results, trainer.compute_metrics.last_confusion)
-    if training_args.do_predict and len(test_dataset):
-        metrics = trainer.evaluate(eval_dataset=test_dataset, metric_key_prefix="test")
+    if training_args.do_predict and len(sets["test"]):
+        metrics = trainer.evaluate(eval_dataset=sets["test"], metric_key_prefix="test")
         trainer.log_metrics("test", metrics)
         results.update(metrics)
         evaluated["test"] = strip_prefix(metrics, "test")
         confusions["test"] = (trainer.compute_metrics.last_results, trainer.compute_metrics.last_confusion)
     results.update(peak_memory_metrics())
+    return results, evaluated, confusions
 
-    if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        write_text_atomically(output_dir / RESULTS_FILE, json.dumps(json_safe(results), indent=2) + "\n")
-        split_paths = {name: sorted(str(p) for p in dataset_column(splits[name], "path")) for name in SPLITS}
-        split_record = {
-            "seed": training_args.seed,
-            "split_by": data_args.split_by,
-            "fractions": data_args.fractions,
-            "source": data_args.describe_source(),
-            "fingerprints": {name: paths_fingerprint(paths) for name, paths in split_paths.items()},
-            "trained_on": len(train_rows),
-            "paths": split_paths,
-        }
-        write_text_atomically(output_dir / SPLITS_FILE, json.dumps(split_record, indent=1) + "\n")
-        plots = [
-            path
-            for split, (scores, confusion) in confusions.items()
-            if scores is not None and confusion is not None
-            for path in save_split_plots(output_dir, split, scores, confusion, label_set)
-        ]
-        is_hub_model = model_args.model_name_or_path != TINY_MODEL and not os.path.exists(
-            model_args.model_name_or_path
-        )
-        card = FinetuneCardInfo(
-            model_name=training_args.hub_model_id or output_dir.name,
-            label_set=label_set,
-            base_model=model_args.model_name_or_path if is_hub_model else None,
-            data_source=data_args.describe_source(),
-            dataset_name=Path(data_args.describe_source()).name or data_args.describe_source(),
-            split_sizes={name: len(splits[name]) for name in SPLITS} | {"trained on": len(train_rows)},
-            split_description=(
-                f"seed {training_args.seed}, by {data_args.split_by}, fractions "
-                + " / ".join(f"{value:g}" for value in data_args.fractions.values())
-                + f"; paths in {SPLITS_FILE}"
-            ),
-            selection=selection,
-            hyperparameters={
-                **training_hyperparameters(training_args),
-                "crop_size": data_args.crop_size,
-                "scale_range": f"{data_args.min_scale}-{data_args.max_scale}",
-                "eval_shortest_edge": data_args.eval_edge or "original size",
-                "world_size": training_args.world_size,
-            },
-            frozen_modules=[FROZEN_PARTS[part] for part in model_args.frozen_parts],
-            parameter_counts=trainer.parameter_counts,
-            metrics=evaluated,
-            plots=plots,
-        )
-        trainer.card_writer = lambda folder: write_finetune_card(folder, card)
-        write_finetune_card(output_dir, card)
 
-    if training_args.push_to_hub:
-        try:
-            trainer.push_to_hub(commit_message="roadseg run_finetune.py")
-        except (HfHubHTTPError, OSError) as err:
-            fail(f"push to the Hub failed: {one_line(err)}")
-    return results
+def write_outputs(
+    trainer: FrozenBackboneTrainer,
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    training_args: FinetuneTrainingArguments,
+    output_dir: Path,
+    label_set: LabelSet,
+    splits: Mapping[str, Any],
+    train_rows: Any,
+    selection: Any,
+    results: Mapping[str, Any],
+    evaluated: Mapping[str, Any],
+    confusions: Mapping[str, Any],
+) -> None:
+    """all_results.json, data_splits.json, the plots and the model card (main process)."""
+    write_text_atomically(output_dir / RESULTS_FILE, json.dumps(json_safe(results), indent=2) + "\n")
+    split_paths = {name: sorted(str(p) for p in dataset_column(splits[name], "path")) for name in SPLITS}
+    split_record = {
+        "seed": training_args.seed,
+        "split_by": data_args.split_by,
+        "fractions": data_args.fractions,
+        "source": data_args.describe_source(),
+        "fingerprints": {name: paths_fingerprint(paths) for name, paths in split_paths.items()},
+        "trained_on": len(train_rows),
+        "paths": split_paths,
+    }
+    write_text_atomically(output_dir / SPLITS_FILE, json.dumps(split_record, indent=1) + "\n")
+    plots = [
+        path
+        for split, (scores, confusion) in confusions.items()
+        if scores is not None and confusion is not None
+        for path in save_split_plots(output_dir, split, scores, confusion, label_set)
+    ]
+    is_hub_model = model_args.model_name_or_path != TINY_MODEL and not os.path.exists(model_args.model_name_or_path)
+    card = FinetuneCardInfo(
+        model_name=training_args.hub_model_id or output_dir.name,
+        label_set=label_set,
+        base_model=model_args.model_name_or_path if is_hub_model else None,
+        data_source=data_args.describe_source(),
+        dataset_name=Path(data_args.describe_source()).name or data_args.describe_source(),
+        split_sizes={name: len(splits[name]) for name in SPLITS} | {"trained on": len(train_rows)},
+        split_description=(
+            f"seed {training_args.seed}, by {data_args.split_by}, fractions "
+            + " / ".join(f"{value:g}" for value in data_args.fractions.values())
+            + f"; paths in {SPLITS_FILE}"
+        ),
+        selection=selection,
+        hyperparameters={
+            **training_hyperparameters(training_args),
+            "crop_size": data_args.crop_size,
+            "scale_range": f"{data_args.min_scale}-{data_args.max_scale}",
+            "eval_shortest_edge": data_args.eval_edge or "original size",
+            "world_size": training_args.world_size,
+        },
+        frozen_modules=[FROZEN_PARTS[part] for part in model_args.frozen_parts],
+        parameter_counts=trainer.parameter_counts,
+        metrics=evaluated,
+        plots=plots,
+    )
+    trainer.card_writer = lambda folder: write_finetune_card(folder, card)
+    write_finetune_card(output_dir, card)
 
 
 if __name__ == "__main__":

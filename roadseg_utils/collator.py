@@ -31,6 +31,12 @@ queries towards the no-object class, down-weighted by ``config.no_object_weight`
 number of masks in the batch, clamped to at least 1. So such an image contributes a 'no-object-only' target,
 which is also what the reference implementation does with images without instances. tests/test_collator.py
 runs forward and backward through a tiny model on batches with such a crop to keep this true.
+
+Dropped samples. An evaluation dataset wrapped in ``BadSampleGuard(..., substitute=False)`` yields None for a bad
+sample it skips. The collator keeps its place as a placeholder (zeros, ``pixel_mask`` 0, label all 255, and None in
+both ``original_*`` lists), so a batch keeps its length: DDP's gather of per-image results needs equal batches on
+every process, and a caller that maps batch positions to dataset indices stays aligned. The trainer leaves
+placeholders out of the forward pass, the confusion matrix and the image count.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ logger = logging.get_logger(__name__)
 
 NUM_BINS = 256
 ALIGNMENT = 64
+PLACEHOLDER_SIZE = 32
 MODEL_INPUT_KEYS = ("pixel_values", "pixel_mask", "mask_labels", "class_labels")
 BATCH_KEYS = (*MODEL_INPUT_KEYS, "original_images", "original_segmentation_maps")
 
@@ -145,7 +152,8 @@ class SegmentationCollator:
     """Collate examples from ``SegmentationTransform`` into the six keys of the design's batch contract.
 
     Only ``MODEL_INPUT_KEYS`` go to ``model.forward``. The two ``original_*`` lists hold one entry per example, or
-    are empty when the transform ran with ``keep_originals=False`` (training, where they would only cost memory).
+    are empty when the transform ran with ``keep_originals=False`` (training, where they would only cost memory);
+    a None example (a dropped bad sample) becomes a placeholder, None in both lists (module docstring).
     ``mask_dtype`` is ``torch.bool`` (default) or ``torch.uint8``. With ``num_labels`` set, a label id outside
     0..num_labels-1 (other than ``ignore_index``) raises a ValueError naming the example, instead of failing later
     inside the model's loss. ``size_divisor`` pads the batch's height and width up to a multiple of it (as padding,
@@ -167,10 +175,30 @@ class SegmentationCollator:
         if self.size_divisor < 1:
             raise ValueError(f"size_divisor must be at least 1, got {self.size_divisor}")
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def placeholders_for(self, examples: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+        """The examples with each None (a dropped bad sample) replaced by a placeholder that holds its place."""
+        template = next((example for example in examples if example is not None), None)
+        if template is None:
+            side = -(-PLACEHOLDER_SIZE // self.size_divisor) * self.size_divisor
+            shape, with_originals = (side, side), True
+        else:
+            shape, with_originals = np.shape(template["label"]), "original_label" in template
+        placeholder = {
+            "pixel_values": np.zeros((3, *shape), dtype=np.float32),
+            "label": np.full(shape, self.ignore_index, dtype=np.uint8),
+            "valid": np.zeros(shape, dtype=np.uint8),
+            "path": "dropped sample",
+        }
+        if with_originals:
+            placeholder.update(original_image=None, original_label=None)
+        return [placeholder if example is None else example for example in examples]
+
+    def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
         """Stack, pad to the largest example (and ``size_divisor``), and build per-image binary masks and class ids."""
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
+        if any(example is None for example in examples):
+            examples = self.placeholders_for(examples)
         sources = [str(example.get("path", f"example {i}")) for i, example in enumerate(examples)]
         images = [np.asarray(example["pixel_values"], dtype=np.float32) for example in examples]
         labels = [_as_uint8_label(example["label"], source) for example, source in zip(examples, sources, strict=True)]

@@ -247,7 +247,7 @@ class StagedOutputs:
     """``--output_dir`` checked and locked before any work, written into a staging folder, moved in by `commit`.
 
     ``with StagedOutputs(folder, script) as outputs:`` raises `OutputDirError` (one line) for a folder that is a
-    file, cannot be created or written, holds another script's outputs (its ``roadseg_run.json`` says so) or is
+    file, cannot be created or written, holds another script's outputs (its ``_roadseg_run.json`` says so) or is
     being written by another run; ``outputs.staging`` is then empty.
     Leaving the block removes the staging folder and releases the lock.
     """

@@ -22,9 +22,10 @@ from typing import Any
 
 from .atomic import write_text_atomically
 
-LOCK_FILE = ".roadseg.lock"
+# Names starting with "_" stay out of Trainer.push_to_hub uploads (the run record holds local paths).
+LOCK_FILE = "_roadseg.lock"
 INCOMPLETE_FILE = "RUN_INCOMPLETE"
-RUN_FILE = "roadseg_run.json"
+RUN_FILE = "_roadseg_run.json"
 
 
 class OutputDirError(RuntimeError):

@@ -16,6 +16,16 @@ Evaluation. ``prediction_step`` turns each batch into label maps at the size of 
 processes, so `ConfusionMatrixMetrics` sums every image exactly once, on every rank, and nothing of size H x W is
 kept beyond one batch. ``eval_num_images`` in the metrics says how many images were counted.
 
+Dropped samples. An evaluation batch may hold placeholders for bad samples skipped in DataLoader workers
+(`roadseg_utils.collator`: None in ``original_segmentation_maps``). ``prediction_step`` forwards only the real
+images (all of a batch's placeholders when it holds nothing else, so every process still returns a loss), returns a
+zero matrix for each placeholder and -1 as its labelled-pixel count, and `ConfusionMatrixMetrics` counts only
+images with a count of at least 0, so a skipped sample changes neither the metrics nor ``eval_num_images``.
+
+Checkpoints. `roadseg_utils.checkpoints.CheckpointSafety` (a base of `FrozenBackboneTrainer`) moves every saved
+file in whole, turns a failed save into one line, loads checkpoints with the backbone's names mapped, and stops a
+finished run from training one step more on resume.
+
 Loss under DDP. `MeanMaskCount` corrects upstream's normalisation of the mask and dice losses by the number of
 target masks, which is off by the number of processes (see its docstring).
 
@@ -39,6 +49,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .checkpoints import CheckpointSafety
 from .collator import MODEL_INPUT_KEYS, SegmentationCollator
 from .confusion import StreamingConfusionMatrix
 from .freezing import DEFAULT_FROZEN_PARTS, FROZEN_PARTS, freeze, frozen_modules, lock_eval_mode
@@ -136,8 +147,9 @@ class ConfusionMatrixMetrics:
 
     Works with ``batch_eval_metrics=True`` (called once per gathered batch, metrics on the last call) and without it
     (called once with all matrices). The result holds the scalar metrics of `compute_segmentation_metrics`
-    (``mean_iou``, ``iou_<class>`` ...) and ``num_images``; ``last_results`` keeps the full last result, arrays
-    included, and ``last_confusion`` the summed matrix.
+    (``mean_iou``, ``iou_<class>`` ...) and ``num_images``, the images whose label id (their labelled-pixel count)
+    is at least 0, so dropped samples' placeholders (-1) are not counted; ``last_results`` keeps the full last
+    result, arrays included, and ``last_confusion`` the summed matrix.
     """
 
     def __init__(
@@ -155,14 +167,12 @@ class ConfusionMatrixMetrics:
 
     def __call__(self, eval_pred: Any, compute_result: bool = True) -> dict[str, float]:
         """Add this batch's matrices; when ``compute_result``, return the metrics of everything added and reset."""
-        predictions = eval_pred.predictions
-        if isinstance(predictions, (list, tuple)):
-            predictions = np.concatenate([np.asarray(torch.as_tensor(p).cpu()) for p in predictions])
-        matrices = torch.as_tensor(predictions)
+        matrices = _as_tensor(eval_pred.predictions)
         if matrices.ndim != 3:
             raise ValueError(f"expected per-image confusion matrices (B, C, C), got shape {tuple(matrices.shape)}")
         self.confusion.add_matrix(matrices.sum(dim=0))
-        self.num_images += matrices.shape[0]
+        counts = eval_pred.label_ids
+        self.num_images += matrices.shape[0] if counts is None else int((_as_tensor(counts) >= 0).sum())
         if not compute_result:
             return {}
         self.last_confusion = self.confusion.matrix
@@ -172,6 +182,24 @@ class ConfusionMatrixMetrics:
         self.confusion.reset()
         self.num_images = 0
         return results
+
+
+def _as_tensor(values: Any) -> torch.Tensor:
+    """One tensor from a tensor, an array, or a list of per-batch ones (concatenated)."""
+    if isinstance(values, (list, tuple)):
+        return torch.cat([torch.as_tensor(np.asarray(torch.as_tensor(v).cpu())) for v in values])
+    return torch.as_tensor(values)
+
+
+def _select_examples(inputs: Mapping[str, Any], kept: list[int]) -> dict[str, Any]:
+    """The batch restricted to the examples at positions ``kept``."""
+    selected = dict(inputs)
+    for key in ("pixel_values", "pixel_mask"):
+        selected[key] = inputs[key][kept]
+    for key in ("mask_labels", "class_labels", "original_images", "original_segmentation_maps"):
+        if inputs.get(key):
+            selected[key] = [inputs[key][i] for i in kept]
+    return selected
 
 
 def peak_memory_metrics() -> dict[str, float]:
@@ -184,7 +212,7 @@ def peak_memory_metrics() -> dict[str, float]:
     return metrics
 
 
-class FrozenBackboneTrainer(Trainer):
+class FrozenBackboneTrainer(CheckpointSafety, Trainer):
     """A `Trainer` for Mask2Former that freezes ``frozen_parts`` and scores evaluation batch by batch.
 
     ``frozen_parts`` is a subset of ``("backbone", "pixel_decoder")``; ``()`` fine-tunes everything. The data collator
@@ -267,28 +295,40 @@ class FrozenBackboneTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Loss, per-image confusion matrices at the original label size, and per-image labelled-pixel counts."""
+        """Loss, per-image confusion matrices at the original label size, and per-image labelled-pixel counts.
+
+        A placeholder of a dropped sample gets a zero matrix and a count of -1 (module docstring).
+        """
         inputs = self._prepare_inputs(inputs)
+        num_images = inputs["pixel_values"].shape[0]
+        references = inputs.get("original_segmentation_maps") or []
+        kept = [i for i, reference in enumerate(references) if reference is not None]
+        if 0 < len(kept) < num_images:
+            inputs = _select_examples(inputs, kept)
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**self.model_inputs(model, inputs))
         loss = outputs.loss.detach() if outputs.loss is not None else None
         if prediction_loss_only:
             return loss, None, None
-        references = inputs["original_segmentation_maps"]
-        if len(references) != inputs["pixel_values"].shape[0]:
+        if len(references) != num_images:
             raise ValueError(
                 "evaluation batches need original_segmentation_maps for every image: build the eval transform with "
                 "keep_originals=True"
             )
-        maps = semantic_maps_from_outputs(
-            outputs.class_queries_logits.float(),
-            outputs.masks_queries_logits.float(),
-            target_sizes=[tuple(np.shape(reference)[:2]) for reference in references],
-            valid_sizes=valid_sizes_of(inputs["pixel_mask"]),
-            input_size=tuple(inputs["pixel_values"].shape[-2:]),
-        )
-        confusion = per_image_confusion(maps, references, self.num_labels, self.ignore_index)
-        labelled = confusion.sum(dim=(1, 2))
+        device = outputs.class_queries_logits.device
+        confusion = torch.zeros((num_images, self.num_labels, self.num_labels), dtype=torch.int64, device=device)
+        labelled = torch.full((num_images,), -1, dtype=torch.int64, device=device)
+        if kept:
+            maps = semantic_maps_from_outputs(
+                outputs.class_queries_logits.float(),
+                outputs.masks_queries_logits.float(),
+                target_sizes=[tuple(np.shape(references[i])[:2]) for i in kept],
+                valid_sizes=valid_sizes_of(inputs["pixel_mask"]),
+                input_size=tuple(inputs["pixel_values"].shape[-2:]),
+            )
+            matrices = per_image_confusion(maps, [references[i] for i in kept], self.num_labels, self.ignore_index)
+            confusion[kept] = matrices
+            labelled[kept] = matrices.sum(dim=(1, 2))
         return loss, confusion, labelled
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:

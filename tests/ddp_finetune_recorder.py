@@ -78,7 +78,7 @@ class WeightsHash(TrainerCallback):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         self.weights_sha256 = digest.hexdigest()
-        self.train_paths = [str(p) for p in dataset_column(train_dataloader.dataset.dataset, "path")]
+        self.train_paths = [str(p) for p in dataset_column(train_dataloader.dataset.dataset.dataset, "path")]
 
 
 def main() -> None:

@@ -305,3 +305,18 @@ def test_batches_from_data_loader_workers_are_intact():
     assert len(batches) == 4
     for index, batch in enumerate(batches):
         assert_batch_equals(batch, examples[3 * index : 3 * index + 3])
+
+
+def test_dropped_samples_keep_their_place_as_placeholders():
+    rng = np.random.default_rng(4)
+    good = make_example(random_label(32, 48, rng), rng)
+    batch = SegmentationCollator(num_labels=NUM_LABELS)([None, good, None])
+    assert batch["pixel_values"].shape == (3, 3, 32, 48)
+    assert batch["pixel_values"][[0, 2]].eq(0).all() and batch["pixel_mask"][[0, 2]].eq(0).all()
+    assert batch["mask_labels"][0].shape == (0, 32, 48) and batch["class_labels"][2].shape == (0,)
+    assert batch["original_segmentation_maps"][0] is None and batch["original_images"][2] is None
+    np.testing.assert_array_equal(batch["original_segmentation_maps"][1], good["original_label"])
+    # A batch of dropped samples only still has one placeholder per sample, of a size the divisor allows.
+    only = SegmentationCollator(size_divisor=24)([None, None])
+    assert only["pixel_values"].shape == (2, 3, 48, 48)
+    assert only["original_segmentation_maps"] == [None, None] and only["original_images"] == [None, None]

@@ -28,6 +28,7 @@ from roadseg_utils.data import DataSourceArguments, dataset_column, load_segment
 from roadseg_utils.inference import semantic_maps_from_outputs
 from roadseg_utils.labels import RAW_LABELS, idd_label_set
 from roadseg_utils.modeling import image_processor_class, load_image_processor, load_model
+from roadseg_utils.output_dir import LOCK_FILE
 from roadseg_utils.synthetic import generate_synthetic_idd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,7 +369,7 @@ def test_label_set_disagreeing_with_the_model_names_both(capsys, syn_dir, model_
                                 "--label_set", "idd-level1", "--output_dir", str(tmp_path / "ev")])
     assert str(model_dir) in line and "idd-level1" in line and "26 classes" in line and "7 classes" in line
     # The folder was checked and locked before the model was read; nothing was written into it.
-    assert [p.name for p in (tmp_path / "ev").iterdir()] == [".roadseg.lock"]
+    assert [p.name for p in (tmp_path / "ev").iterdir()] == [LOCK_FILE]
 
 
 def test_ground_truth_of_another_size_names_the_file(capsys, syn_dir, model_dir, tmp_path):

@@ -266,3 +266,23 @@ def test_mask_count_is_upstream_in_one_process_and_a_true_mean_across_processes(
     monkeypatch.setattr(trainer_module, "PartialState", TwoProcesses)
     monkeypatch.setattr(trainer_module, "reduce", lambda tensor, reduction: tensor + 3 if reduction == "sum" else None)
     assert float(model.criterion.get_num_masks(labels, torch.device("cpu"))) == 4.0
+
+
+def test_placeholders_of_dropped_samples_are_neither_scored_nor_counted(tmp_path):
+    trainer = trainer_for(load_model("tiny", LABELS), tmp_path)
+    rng = np.random.default_rng(3)
+    labels = [blocky_label(64, 128, 1), blocky_label(64, 128, 2)]
+    examples = [{"pixel_values": rng.standard_normal((3, 64, 128)).astype(np.float32), "label": label,
+                 "valid": np.ones(label.shape, dtype=np.uint8), "original_image": np.zeros((64, 128, 3), np.uint8),
+                 "original_label": label} for label in labels]
+    collate = SegmentationCollator(num_labels=LABELS.num_labels)
+    _, expected, counts = trainer.prediction_step(trainer.model, collate(examples), prediction_loss_only=False)
+    loss, confusion, counted = trainer.prediction_step(trainer.model, collate([examples[0], None, examples[1]]),
+                                                       prediction_loss_only=False)
+    assert torch.isfinite(loss) and confusion.shape[0] == 3
+    assert torch.equal(confusion[[0, 2]], expected) and not confusion[1].any()
+    assert counted.tolist() == [counts[0], -1, counts[1]]
+    metrics = ConfusionMatrixMetrics(LABELS.num_labels)(EvalPrediction(confusion, counted))
+    assert metrics["num_images"] == 2
+    loss, confusion, counted = trainer.prediction_step(trainer.model, collate([None]), prediction_loss_only=False)
+    assert torch.isfinite(loss) and not confusion.any() and counted.tolist() == [-1]
