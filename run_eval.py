@@ -18,28 +18,21 @@ import json
 import logging as std_logging
 import sys
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
 from roadseg_utils.card import model_index_dataset_type, model_index_results, update_model_card_eval_results
 from roadseg_utils.cli import one_line
-from roadseg_utils.collator import SegmentationCollator
-from roadseg_utils.confusion import StreamingConfusionMatrix, all_reduce_confusion
 from roadseg_utils.data import (
     SPLIT_ALIASES,
-    BadSampleGuard,
     DataError,
     DataSourceArguments,
     EmptyDatasetError,
@@ -47,20 +40,19 @@ from roadseg_utils.data import (
     load_segmentation_dataset,
     with_sample_transform,
 )
+from roadseg_utils.eval_loop import score_shards
 from roadseg_utils.evaluation import (
-    DropSkipped,
     EvalInputError,
     StagedOutputs,
     build_results,
     class_names,
     overlay_indices,
     resolve_label_set,
-    shard_positions,
     write_outputs,
 )
-from roadseg_utils.export import StagedExport, export_lookup, export_paths, write_prediction
+from roadseg_utils.export import StagedExport, export_lookup, export_paths
 from roadseg_utils.hub import HubPublishError, hub_is_reachable, push_files_to_hub
-from roadseg_utils.inference import TTA_CHOICES, predict_batch
+from roadseg_utils.inference import TTA_CHOICES
 from roadseg_utils.labels import IDD_LEVELS, LabelSet, LabelSetError, get_label_set, idd_level_of
 from roadseg_utils.metrics import compute_segmentation_metrics
 from roadseg_utils.modeling import (
@@ -298,7 +290,6 @@ def score_split(
 
     The main process writes the exported predictions into ``export.folder`` as they come.
     """
-    is_main = accelerator.is_main_process
     name = eval_args.model_name_or_path
     label_set, model = choose_label_set(eval_args, data_args, label_set_given)
     lookup, export_level = export_lookup(label_set, eval_args.export_level)
@@ -326,69 +317,32 @@ def score_split(
                 f"{eval_shortest_edge or 'original'}, TTA {eval_args.tta}, {accelerator.num_processes} process(es) "
                 f"on {accelerator.device}")
 
-    # This process's shard, padded so that every process runs the same number of batches. A sample that turns out
-    # bad when a worker decodes it follows --on_bad_sample: error stops the run, skip leaves it out and counts it.
     transform = make_transform_fn(build_eval_transforms(eval_shortest_edge, processor.image_mean, processor.image_std))
-    size_divisor = getattr(processor, "size_divisor", None) or 32
-    positions, num_real = shard_positions(len(dataset), accelerator.num_processes, accelerator.process_index)
-    guarded = BadSampleGuard(with_sample_transform(dataset, transform), data_args.on_bad_sample, substitute=False,
-                             source=data_args.describe_source())
-    loader = torch.utils.data.DataLoader(
-        guarded,
+    scores = score_shards(
+        model, with_sample_transform(dataset, transform), accelerator,
+        num_labels=label_set.num_labels,
+        on_bad_sample=data_args.on_bad_sample,
+        source=data_args.describe_source(),
         batch_size=eval_args.batch_size,
-        sampler=positions,
-        collate_fn=DropSkipped(SegmentationCollator(with_targets=False, size_divisor=size_divisor)),
         num_workers=eval_args.dataloader_num_workers,
-        pin_memory=accelerator.device.type == "cuda",
+        size_divisor=getattr(processor, "size_divisor", None) or 32,
+        tta=eval_args.tta,
+        working_size=eval_args.working_size,
+        overlays=set(overlays),
+        export_targets=targets,
+        export_lookup=lookup,
     )
-
-    model.to(accelerator.device).eval()
-    confusion = StreamingConfusionMatrix(label_set.num_labels, device=accelerator.device)
-    wanted = set(overlays) | (set(range(len(dataset))) if targets else set())
-    overlay_predictions: dict[int, np.ndarray] = {}
-    skipped: list[int] = []
-    with ThreadPoolExecutor(max_workers=2) as writer, torch.inference_mode():
-        writes = []
-        for step, item in enumerate(tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process)):
-            start = step * eval_args.batch_size
-            size = min(eval_args.batch_size, len(positions) - start)
-            batch, kept = item["batch"], item["kept"]
-            skipped += [positions[start + i] for i in range(size) if i not in kept and start + i < num_real]
-            # Batch slots past num_real are the shard's padding: predicted (to keep processes in step), never counted.
-            real = [j for j, slot in enumerate(kept) if start + slot < num_real]
-            predictions = []
-            if batch is not None:
-                predictions = predict_batch(model, batch, accelerator, eval_args.tta, eval_args.working_size)
-            if real:
-                confusion.update([predictions[j] for j in real],
-                                 [batch["original_segmentation_maps"][j] for j in real])
-            found = [(positions[start + kept[j]], predictions[j].cpu().numpy()) for j in real
-                     if positions[start + kept[j]] in wanted]
-            if wanted and accelerator.num_processes > 1:
-                found = gather_object(found)
-            if not is_main:
-                continue
-            for index, prediction in found:
-                if index in overlays:
-                    overlay_predictions[index] = prediction
-                if targets:
-                    writes.append(writer.submit(write_prediction, prediction, lookup, targets[index]))
-        for write in writes:
-            write.result()
-
-    if accelerator.num_processes > 1:
-        skipped = gather_object(skipped)
+    skipped, matrix = scores.skipped, scores.matrix
     if len(skipped) == len(dataset):
         raise EmptyDatasetError(f"{data_args.describe_source()}: all {len(dataset)} images of the {eval_args.split} "
                                 "split were skipped as bad samples")
-    matrix = all_reduce_confusion(confusion.matrix_tensor, accelerator).cpu().numpy()
     metrics = compute_segmentation_metrics(matrix, label_set.id2label, label_set.coarser)
     run = {
         "model": name,
         "data": data_args.describe_source(),
         "split": eval_args.split,
         "num_images": len(dataset) - len(skipped),
-        "skipped_images": [paths[index] for index in sorted(skipped)],
+        "skipped_images": [paths[index] for index in skipped],
         "label_set": label_set.name,
         "num_labels": label_set.num_labels,
         "class_names": class_names(label_set.id2label),
@@ -401,7 +355,7 @@ def score_split(
         "export_level": export_level if export else None,
     }
     results = build_results(matrix, metrics, label_set, run)
-    return ScoredSplit(results, matrix, metrics, label_set, dataset, overlay_predictions)
+    return ScoredSplit(results, matrix, metrics, label_set, dataset, scores.overlay_predictions)
 
 
 def print_summary(results: Mapping[str, Any], output_dir: Path) -> None:

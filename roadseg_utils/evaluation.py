@@ -74,18 +74,6 @@ def resolve_label_set(model_id2label: Mapping[Any, str], requested: str | None, 
     return custom_label_set(Path(model_name).name or model_name, dict(enumerate(model_names)))
 
 
-def shard_positions(num_items: int, num_processes: int, process_index: int) -> tuple[list[int], int]:
-    """This process's item indices (strided) padded to the same length on every process, and how many are real.
-
-    Every process then runs the same number of batches, so per-batch collectives line up; the padding repeats
-    a real index and is never counted.
-    """
-    mine = list(range(process_index, num_items, num_processes))
-    length = math.ceil(num_items / num_processes)
-    filler = mine[-1] if mine else 0
-    return mine + [filler] * (length - len(mine)), len(mine)
-
-
 def overlay_indices(num_items: int, num_overlays: int) -> list[int]:
     """``num_overlays`` image indices spread evenly over the split (first and last included)."""
     if num_items == 0 or num_overlays == 0:
@@ -227,20 +215,6 @@ def write_outputs(
         row = dataset[index]
         picture = render_overlay(np.asarray(row["image"]), row["label"], overlay_predictions[index], label_set)
         save_png_atomically(picture, output_dir / "overlays" / f"{rank:03d}_{idd_frame_name(paths[index])}.png")
-
-
-class DropSkipped:
-    """A collate function that leaves out the samples `BadSampleGuard` skipped (None) and says which it kept.
-
-    Returns ``{"kept": positions in the batch, "batch": the collated batch, or None when every sample was skipped}``.
-    """
-
-    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]]) -> None:
-        self.collate = collate
-
-    def __call__(self, examples: list[Any]) -> dict[str, Any]:
-        kept = [i for i, example in enumerate(examples) if example is not None]
-        return {"kept": kept, "batch": self.collate([examples[i] for i in kept]) if kept else None}
 
 
 class StagedOutputs:

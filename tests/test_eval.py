@@ -21,7 +21,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from PIL import Image
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 
-from roadseg_utils import evaluation, hub, inference, visualize
+from roadseg_utils import eval_loop, evaluation, hub, inference, visualize
 from roadseg_utils.card import FinetuneCardInfo, update_model_card_eval_results, write_finetune_card
 from roadseg_utils.confusion import StreamingConfusionMatrix
 from roadseg_utils.data import DataSourceArguments, dataset_column, load_segmentation_dataset
@@ -342,7 +342,7 @@ def test_flip_tta_is_mirror_symmetric(model_dir):
 
 def test_shards_cover_every_image_once_with_equal_batch_counts():
     for num_items, num_processes in ((7, 2), (2, 3), (9, 3)):
-        shards = [evaluation.shard_positions(num_items, num_processes, rank) for rank in range(num_processes)]
+        shards = [eval_loop.shard_positions(num_items, num_processes, rank) for rank in range(num_processes)]
         real = sorted(i for positions, count in shards for i in positions[:count])
         assert real == list(range(num_items))
         assert len({len(positions) for positions, _ in shards}) == 1
