@@ -10,35 +10,56 @@ report.md and PNG plots to --output_dir, and can materialise the subset. `run_fi
     python run_selection.py --data_dir data/idd --num_images 1500 --output_dir runs/selection
     python run_selection.py args.json            # the same arguments as one JSON file
 
-Per-image label histograms are cached in the output folder, so a rerun with other weights or another budget decodes
-no label map. The split options of the data source (--train_fraction, --val_fraction, --test_fraction, --split_by)
-do not apply here; --num_workers sets the processes that decode label maps.
+Every sample is checked before it is ranked (the image's header, the mask decoded, their sizes, the label values):
+a bad one stops the run in one line, or with --on_bad_sample skip is left out and counted in the report. Arguments
+and folders are checked before any of that; the output folder is locked while the run writes into it and marked
+RUN_INCOMPLETE until every output is written, so a killed run, rerun, ends with the same outputs. Per-sample verdicts
+and label histograms are cached in the output folder, so a rerun with other weights or another budget reads no image
+and decodes no label map. The split options of the data source (--train_fraction, --val_fraction, --test_fraction,
+--split_by) do not apply here; --num_workers sets the processes that check samples.
 """
 
 from __future__ import annotations
 
+import json
 import logging as std_logging
+import re
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from roadseg_utils.atomic import write_text_atomically
-from roadseg_utils.data import DataSourceArguments
-from roadseg_utils.labels import get_label_set
+from roadseg_utils.cli import one_line
+from roadseg_utils.data import DataError, DataSourceArguments
+from roadseg_utils.labels import LabelSet, get_label_set
+from roadseg_utils.output_dir import INCOMPLETE_FILE, IncompleteMarker, OutputDirError, OutputLock, prepare_output_dir
 from roadseg_utils.selection import (
     CACHE_FILE,
     FORMULA,
+    MANIFEST_CSV,
+    MANIFEST_JSON,
+    PLOT_FILES,
     REPORT_FILE,
+    ClassStats,
+    Selection,
     SelectionArguments,
+    SelectionError,
+    check_json_arguments,
+    check_materialize_target,
     compute_class_stats,
     load_candidate_pool,
     materialize_dataset,
     materialize_files,
     push_subset_to_hub,
+    remove_stale_staging,
     render_report,
+    resolve_budget,
+    resolve_rare_classes,
     select_images,
     write_manifest,
     write_plots,
@@ -46,80 +67,177 @@ from roadseg_utils.selection import (
 
 logger = logging.get_logger("run_selection")
 
+SCRIPT = "run_selection.py"
 DESCRIPTION = (
     "Rank the training pool of a labelled dataset and keep the K most informative images. The pool is the train "
     "split as found: an IDD tree's leftImg8bit/train, every image of flat image/mask folders, or the train split of "
     "a Hugging Face dataset or pickle; validation and test images are never ranked. Each image gets CDS (class "
     "diversity), RCS (rare classes) and ICS (sequence size) from its label histogram, and "
-    f"{FORMULA}. Writes manifest.json/.csv, report.md and plots to --output_dir; label histograms are cached there, "
-    "so reruns with other weights decode nothing."
+    f"{FORMULA}. Writes manifest.json/.csv, report.md and plots to --output_dir; sample checks and label histograms "
+    "are cached there, so reruns with other weights read no image and decode nothing."
 )
+# The temporary files `atomic` writes beside an output (".<name>.<uuid4 hex>.tmp"), left behind by a killed run.
+_OUTPUTS = (MANIFEST_JSON, MANIFEST_CSV, REPORT_FILE, CACHE_FILE, INCOMPLETE_FILE, *PLOT_FILES)
+_TEMPORARY = re.compile(r"\.(" + "|".join(map(re.escape, _OUTPUTS)) + r")\.[0-9a-f]{32}\.tmp")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_data_folder(data_args: DataSourceArguments) -> None:
+    """A --data_dir that is missing or a file: one line before anything is read."""
+    if data_args.data_dir is not None and not Path(data_args.data_dir).expanduser().is_dir():
+        problem = "is not a folder" if Path(data_args.data_dir).expanduser().exists() else "does not exist"
+        raise DataError(f"--data_dir {data_args.data_dir}: {problem}")
+
+
+def _materialize_target(
+    data_args: DataSourceArguments, selection_args: SelectionArguments, output_dir: Path, cache_dir: Path
+) -> Path | None:
+    """Where --materialize writes, checked before any work; None without --materialize."""
+    mode = selection_args.materialize
+    if mode == "none":
+        return None
+    if mode in ("symlink", "copy") and data_args.source_kind() not in ("idd", "flat"):
+        raise SelectionError(
+            f"--materialize {mode} mirrors files, but {data_args.describe_source()} is a Hugging Face dataset or "
+            "pickle; use --materialize hf_dataset"
+        )
+    target = Path(selection_args.materialize_dir or output_dir / "subset").expanduser().resolve()
+    # The subset replaces its folder as a whole: it must not hold this run's outputs or its data.
+    for name, folder in (("--output_dir", output_dir), ("--cache_dir", cache_dir)):
+        if _within(folder.resolve(), target):
+            raise SelectionError(f"--materialize_dir {target}: holds {name} {folder}; choose a folder of its own")
+    for value in (data_args.data_dir, data_args.image_dir, data_args.mask_dir, data_args.dataset_name):
+        source = Path(value).expanduser() if value is not None else None
+        if source is not None and source.exists() and _within(source.resolve(), target):
+            raise SelectionError(f"--materialize_dir {target}: holds the data being selected from ({value})")
+    check_materialize_target(target)
+    return target
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary output files of a killed run in ``folder`` (call it holding the folder's lock)."""
+    for entry in folder.iterdir():
+        if _TEMPORARY.fullmatch(entry.name) and entry.is_file():
+            entry.unlink(missing_ok=True)
+
+
+def _check_rare_classes(selection_args: SelectionArguments, label_set: LabelSet) -> None:
+    # An unknown name is found now rather than after every label map is decoded.
+    if selection_args.rare_classes:
+        resolve_rare_classes(np.ones(label_set.num_labels), label_set, selection_args.rare_classes)
 
 
 def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> dict[str, object]:
-    """Rank, select and write every output; returns the paths written and a few counts."""
+    """Check the arguments and folders, then rank, select and write every output; returns the paths and counts."""
     start = time.perf_counter()
     label_set = get_label_set(data_args.label_set)
-    pool = load_candidate_pool(data_args, label_set, selection_args.seed)
-    output_dir = Path(selection_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cache_path = Path(selection_args.cache_dir or output_dir) / CACHE_FILE
-    stats = compute_class_stats(pool, label_set, cache_path, data_args.num_workers, data_args.on_bad_sample)
-    selection = select_images(stats, selection_args, label_set)
-    json_path, csv_path = write_manifest(selection, output_dir)
-    plots = write_plots(selection, label_set, output_dir) if selection_args.plots else []
-    report_path = output_dir / REPORT_FILE
-    write_text_atomically(report_path, render_report(selection, label_set, [p.name for p in plots]))
-    chosen = [i for i, is_selected in enumerate(selection.selected) if is_selected]
+    _check_rare_classes(selection_args, label_set)
+    _check_data_folder(data_args)
+    output_dir = prepare_output_dir(selection_args.output_dir)
+    cache_dir = prepare_output_dir(selection_args.cache_dir, "--cache_dir") if selection_args.cache_dir else output_dir
+    cache_path = cache_dir / CACHE_FILE
+    if cache_path.exists() and not cache_path.is_file():
+        raise SelectionError(f"{cache_path}: is not a file, so the histogram cache cannot be written there")
+    target = _materialize_target(data_args, selection_args, output_dir, cache_dir)
+    with ExitStack() as held:
+        held.enter_context(OutputLock(output_dir, SCRIPT))
+        if target is not None and target.parent != output_dir.resolve():
+            held.enter_context(OutputLock(prepare_output_dir(target.parent, "--materialize_dir"), SCRIPT))
+        _remove_stale_temporaries(output_dir)
+        if target is not None:
+            remove_stale_staging(target)
+        pool = load_candidate_pool(data_args, label_set, selection_args.seed)
+        resolve_budget(len(pool), selection_args.num_images, selection_args.fraction, pool.source)
+        stats = compute_class_stats(pool, label_set, cache_path, data_args.num_workers, data_args.on_bad_sample)
+        selection = select_images(stats, selection_args, label_set)
+        chosen = [i for i, is_selected in enumerate(selection.selected) if is_selected]
+        try:
+            with IncompleteMarker(output_dir, SCRIPT):
+                outputs = _write_outputs(selection, label_set, selection_args, output_dir)
+                if target is not None:
+                    _materialize(stats, chosen, label_set, selection_args.materialize, target, data_args)
+                    outputs["subset"] = target
+        except OSError as err:  # a full or failing disk: name the folder, whichever file it was
+            raise SelectionError(f"{output_dir}: cannot write the outputs ({err})") from err
     logger.info(
-        f"ranked {len(stats.pool)} images ({stats.decoded} label maps decoded, {len(stats.pool) - stats.decoded} "
+        f"ranked {len(stats.pool)} images ({stats.decoded} samples checked, {len(stats.pool) - stats.decoded} "
         f"from the cache), selected {len(chosen)} by {selection_args.strategy} in {time.perf_counter() - start:.2f} s"
     )
-    outputs: dict[str, object] = {"manifest": json_path, "manifest_csv": csv_path, "report": report_path,
-                                  "plots": plots, "num_candidates": len(stats.pool), "num_selected": len(chosen),
-                                  "decoded": stats.decoded}
-    if selection_args.materialize != "none":
-        target = Path(selection_args.materialize_dir or output_dir / "subset")
-        if selection_args.materialize == "hf_dataset":
+    outputs.update(num_candidates=len(stats.pool), num_selected=len(chosen), decoded=stats.decoded)
+    if selection_args.push_to_hub:
+        url = push_subset_to_hub(target, selection_args.hub_dataset_id, selection_args.hub_private)
+        logger.info(f"pushed the subset to {url}")
+        outputs["hub_url"] = url
+    return outputs
+
+
+def _write_outputs(
+    selection: Selection, label_set: LabelSet, selection_args: SelectionArguments, output_dir: Path
+) -> dict[str, object]:
+    """manifest.json/.csv, the plots (or none left from an earlier run) and report.md, each written atomically."""
+    json_path, csv_path = write_manifest(selection, output_dir)
+    if selection_args.plots:
+        plots = write_plots(selection, label_set, output_dir)
+    else:
+        plots = []
+        for name in PLOT_FILES:  # an earlier run's plots would not show this selection
+            (output_dir / name).unlink(missing_ok=True)
+    report_path = output_dir / REPORT_FILE
+    write_text_atomically(report_path, render_report(selection, label_set, [p.name for p in plots]))
+    return {"manifest": json_path, "manifest_csv": csv_path, "report": report_path, "plots": plots}
+
+
+def _materialize(stats: ClassStats, chosen: list[int], label_set: LabelSet, mode: str, target: Path,
+                 data_args: DataSourceArguments) -> None:
+    """Write the chosen images to ``target`` (replaced as a whole); a failed write is one line."""
+    try:
+        if mode == "hf_dataset":
             materialize_dataset(stats.pool, chosen, label_set, target)
             load_hint = f"--dataset_name {target}"
-        elif stats.pool.records is None:
-            raise ValueError(
-                f"--materialize {selection_args.materialize} mirrors files, but {data_args.describe_source()} is a "
-                "Hugging Face dataset or pickle; use --materialize hf_dataset"
-            )
         else:
-            materialize_files([stats.pool.records[i] for i in chosen], target, selection_args.materialize)
+            materialize_files([stats.pool.records[i] for i in chosen], target, mode)
             load_hint = f"--data_dir {target}" + (" (with the same --image_dir/--mask_dir)"
                                                    if data_args.source_kind() == "flat" else "")
-        logger.info(f"wrote the {len(chosen)} selected images to {target}; load them with {load_hint}")
-        outputs["subset"] = target
-        if selection_args.push_to_hub:
-            url = push_subset_to_hub(target, selection_args.hub_dataset_id, selection_args.hub_private)
-            logger.info(f"pushed the subset to {url}")
-            outputs["hub_url"] = url
-    return outputs
+    except OSError as err:
+        raise SelectionError(f"{target}: cannot write the subset ({err})") from err
+    logger.info(f"wrote the {len(chosen)} selected images to {target}; load them with {load_hint}")
+
+
+def parse_arguments(argv: list[str]) -> tuple[DataSourceArguments, SelectionArguments]:
+    """The two argument groups from the command line or from one JSON file; a bad value is a one-line usage error."""
+    parser = HfArgumentParser((DataSourceArguments, SelectionArguments), description=DESCRIPTION)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            try:
+                values = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise SelectionError(f"{argv[0]}: cannot read the arguments file ({one_line(err)})") from err
+            check_json_arguments(argv[0], values, (DataSourceArguments, SelectionArguments))
+            data_args, selection_args = parser.parse_dict(values)
+        else:
+            data_args, selection_args = parser.parse_args_into_dataclasses(args=argv)
+    except (ValueError, OSError) as err:
+        parser.error(one_line(err))
+    return data_args, selection_args
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Parse arguments (command line or one JSON file), run the selection and print where the outputs are."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((DataSourceArguments, SelectionArguments), description=DESCRIPTION)
-    try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            data_args, selection_args = parser.parse_json_file(json_file=argv[0])
-        else:
-            data_args, selection_args = parser.parse_args_into_dataclasses(args=argv)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
+    data_args, selection_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     std_logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                             level=std_logging.INFO, stream=sys.stderr)
     logging.set_verbosity_warning()
     try:
         outputs = run(data_args, selection_args)
-    except (ValueError, OSError) as err:
-        # DataError and SelectionError are ValueErrors whose message names the file or option: one line, no traceback.
-        sys.exit(f"error: {err}")
+    except (ValueError, OSError, OutputDirError) as err:
+        # DataError, SelectionError and OutputDirError name the file or option: one line, no traceback.
+        sys.exit(f"error: {one_line(err)}")
+    except KeyboardInterrupt:
+        print(f"error: interrupted; rerun the same command to complete {selection_args.output_dir}", file=sys.stderr)
+        sys.exit(130)
     print(f"selected {outputs['num_selected']} of {outputs['num_candidates']} images: {outputs['manifest']}, "
           f"{outputs['report']}")
     return outputs

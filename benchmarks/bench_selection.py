@@ -90,13 +90,15 @@ def symlink_tree(source: Path, target: Path, count: int) -> Path:
 
 @contextmanager
 def histograms_from(known: dict[str, np.ndarray]) -> Iterator[None]:
-    """Within the block, the selection reads a label map's histogram from ``known`` (by real path)."""
-    original = class_stats.label_histogram
-    class_stats.label_histogram = lambda path, level=3: known[os.path.realpath(path)]
+    """Within the block, the selection takes a label map's histogram from ``known`` (by real path) and its size,
+    and the image's size, from the tree's frame size: nothing is read."""
+    counts, sizes = class_stats.label_map_counts, class_stats.image_size
+    class_stats.label_map_counts = lambda path, level=3: (known[os.path.realpath(path)], (HEIGHT, WIDTH))
+    class_stats.image_size = lambda path, name: (HEIGHT, WIDTH)
     try:
         yield
     finally:
-        class_stats.label_histogram = original
+        class_stats.label_map_counts, class_stats.image_size = counts, sizes
 
 
 def prime_cache(tree: Path, output_dir: Path, known: dict[str, np.ndarray]) -> None:

@@ -35,7 +35,7 @@ from roadseg_utils.selection import (
     compute_class_stats,
     export,
     image_frequency,
-    label_histogram,
+    label_map_counts,
     load_candidate_pool,
     load_manifest,
     rare_class_sampling_order,
@@ -156,7 +156,7 @@ def test_seed_modes_match_hand_computed_values():
     assert weighted_score(np.zeros(4), np.zeros(4), sizes, 1, 1, 0).tolist() == [0, 0, 0, 0]
 
 
-def test_label_histogram_counts_every_label_format(tmp_path: Path):
+def test_label_map_counts_hold_the_histogram_and_shape_of_every_label_format(tmp_path: Path):
     rng = np.random.default_rng(0)
     label = rng.integers(0, 26, (30, 40)).astype(np.uint8)
     label[:3] = 255
@@ -171,18 +171,22 @@ def test_label_histogram_counts_every_label_format(tmp_path: Path):
     ]}
     (tmp_path / "x_gtFine_polygons.json").write_text(json.dumps(polygons))
     for name in ("l.png", "p.png", "i16.png", "x_gtFine_polygons.json"):
-        expected = np.bincount(read_label_map(tmp_path / name, 3).ravel(), minlength=256)
-        assert np.array_equal(label_histogram(tmp_path / name, 3), expected), name
+        label_map = read_label_map(tmp_path / name, 3)
+        histogram, shape = label_map_counts(tmp_path / name, 3)
+        assert np.array_equal(histogram, np.bincount(label_map.ravel(), minlength=256)), name
+        assert shape == label_map.shape, name
 
 
 def test_truncated_greyscale_png_is_an_unreadable_mask(tmp_path: Path):
     rng = np.random.default_rng(2)
+    _save(tmp_path / "image.png", np.zeros((64, 80, 3), np.uint8))
     _save(tmp_path / "whole.png", rng.integers(0, 26, (64, 80)).astype(np.uint8))
     data = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    [outcome] = class_stats._file_histograms([("image.png", str(tmp_path / "cut.png"))], 3)
+    [(outcome, stamp)] = class_stats._file_verdicts([(str(tmp_path / "image.png"), str(tmp_path / "cut.png"))], 3)
     assert outcome.histogram is None and outcome.error is UnreadableMaskError
     assert str(tmp_path / "cut.png") in outcome.problem
+    assert stamp is not None  # a file that does not decode stays bad until it changes, so the verdict is cached
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,12 +247,14 @@ def test_rerun_with_other_weights_decodes_no_label_map(synthetic: Path, default_
     real_open = Image.open
 
     def guarded_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and "gtFine" in os.fspath(file):
+        if isinstance(file, (str, os.PathLike)) and ("gtFine" in os.fspath(file) or "leftImg8bit" in os.fspath(file)):
             decoded.append(file)
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", guarded_open)
-    monkeypatch.setattr(class_stats, "label_histogram", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
+    monkeypatch.setattr(class_stats, "label_map_counts", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
+    # Nor is any image's header read: the cache holds each sample's verdict.
+    monkeypatch.setattr(class_stats, "image_size", lambda *a, **k: decoded.append(a) or pytest.fail("image read"))
     outputs = run_selection.main(["--data_dir", str(synthetic), "--num_images", str(BUDGET), "--output_dir",
                                   str(output), "--alpha", "0", "--beta", "1", "--gamma", "0", "--num_workers", "1"])
     assert decoded == [] and outputs["decoded"] == 0
@@ -267,8 +273,8 @@ def test_changed_label_file_is_the_only_one_decoded_again(hand_made: Path, tmp_p
     _save(changed, _blocks({0: 8, 3: 8}))
     os.utime(changed, ns=(1, 1))
     decoded = []
-    real = class_stats.label_histogram
-    monkeypatch.setattr(class_stats, "label_histogram", lambda path, level: decoded.append(path) or real(path, level))
+    real = class_stats.label_map_counts
+    monkeypatch.setattr(class_stats, "label_map_counts", lambda path, level: decoded.append(path) or real(path, level))
     assert run_selection.main(args)["decoded"] == 1
     assert [os.fspath(p) for p in decoded] == [str(changed)]
     assert _rows_by_path(tmp_path / "o" / "manifest.json")["leftImg8bit/train/a/f2_leftImg8bit.png"]["rcs"] == 1.0

@@ -21,12 +21,14 @@ rare class, and counting classes and sequence sizes pushes the same way, so clas
 of the chosen rows, the same ids as the dataset's ``path`` column (`SampleRecord.path`: relative to the data root),
 so ``run_finetune.py --selection_manifest`` keeps exactly those rows of its train split.
 
-Histograms are cached in ``class_stats.npz`` keyed by (label file, size, modification time), so a rerun with other
-weights or another budget decodes no label map.
+Before ranking, every sample is checked (the image's header, the mask decoded, their sizes, the label values); a bad
+one stops the run or, with ``on_bad_sample="skip"``, is left out and never ranked. Verdicts and histograms are cached
+in ``class_stats.npz`` keyed by both files' paths and stamps (size, mtime, ctime, inode), so a rerun with other
+weights or another budget reads no image and decodes no label map, and a replaced file is always checked again.
 
-Modules: `arguments` (options and modes), `pool` (the training pool), `histogram_cache` and `class_stats` (label
-histograms), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and `select_images`), `manifest`,
-`report` (report.md and plots) and `export` (writing the subset, pushing it to the Hub).
+Modules: `arguments` (options and modes), `pool` (the training pool), `histogram_cache` and `class_stats` (sample
+checks and label histograms), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and
+`select_images`), `manifest`, `report` (report.md and plots) and `export` (writing the subset, pushing it to the Hub).
 """
 
 from .arguments import (
@@ -38,6 +40,7 @@ from .arguments import (
     STRATEGIES,
     SelectionArguments,
     SelectionError,
+    check_json_arguments,
     check_weights,
 )
 from .class_stats import (
@@ -45,9 +48,16 @@ from .class_stats import (
     PNG_SIGNATURE,
     ClassStats,
     compute_class_stats,
-    label_histogram,
+    label_map_counts,
 )
-from .export import SUBSET_MARKER, materialize_dataset, materialize_files, push_subset_to_hub
+from .export import (
+    SUBSET_MARKER,
+    check_materialize_target,
+    materialize_dataset,
+    materialize_files,
+    push_subset_to_hub,
+    remove_stale_staging,
+)
 from .histogram_cache import CACHE_FILE, CACHE_VERSION, HistogramCache
 from .manifest import (
     MANIFEST_COLUMNS,
@@ -62,7 +72,7 @@ from .manifest import (
     write_manifest,
 )
 from .pool import SUBSAMPLE_SALT, CandidatePool, load_candidate_pool
-from .report import REPORT_FILE, render_report, strategy_comparison, write_plots
+from .report import PLOT_FILES, REPORT_FILE, render_report, strategy_comparison, write_plots
 from .scoring import (
     FORMULA,
     class_diversity,
@@ -101,6 +111,7 @@ __all__ = [
     "MANIFEST_JSON",
     "MANIFEST_VERSION",
     "MATERIALIZE_MODES",
+    "PLOT_FILES",
     "PNG_SIGNATURE",
     "RANDOM_SALT",
     "RARE_CLASS_SALT",
@@ -115,12 +126,14 @@ __all__ = [
     "Selection",
     "SelectionArguments",
     "SelectionError",
+    "check_json_arguments",
+    "check_materialize_target",
     "check_weights",
     "class_diversity",
     "class_presence",
     "compute_class_stats",
     "image_frequency",
-    "label_histogram",
+    "label_map_counts",
     "load_candidate_pool",
     "load_manifest",
     "manifest_rows",
@@ -131,6 +144,7 @@ __all__ = [
     "random_order",
     "rare_class_sampling_order",
     "rare_class_score",
+    "remove_stale_staging",
     "render_report",
     "resolve_budget",
     "resolve_rare_classes",

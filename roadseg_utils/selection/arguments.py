@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -120,9 +124,52 @@ class SelectionArguments:
             raise SelectionError(f"rare_threshold must be in (0, 1], got {self.rare_threshold}")
         if not (np.isfinite(self.temperature) and self.temperature > 0):
             raise SelectionError(f"temperature must be > 0, got {self.temperature}")
+        if self.seed < 0:
+            raise SelectionError(f"seed must be >= 0, got {self.seed}")
         if self.push_to_hub:
             if not self.hub_dataset_id:
                 raise SelectionError("--push_to_hub needs --hub_dataset_id (e.g. user/idd-subset)")
             if self.materialize in ("symlink", "copy"):
                 raise SelectionError("--push_to_hub publishes an hf_dataset subset; use --materialize hf_dataset")
             self.materialize = "hf_dataset"
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a JSON value fits an option's annotation (bool is not a number; ints pass for floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(option, value) for option in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_accepts(args[0], item) for item in value)
+    return True  # other annotations are checked by the dataclass itself
+
+
+def check_json_arguments(source: str, values: Any, classes: tuple[type, ...]) -> None:
+    """Raise `SelectionError` naming ``source`` unless ``values`` is an object whose keys are options of
+    ``classes`` with values of their types, and every required option is there."""
+    if not isinstance(values, Mapping):
+        raise SelectionError(f"{source}: expected a JSON object of options and values, got {type(values).__name__}")
+    known: dict[str, Any] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for option in fields(cls):
+            known[option.name] = hints[option.name]
+            if option.default is MISSING and option.default_factory is MISSING and option.name not in values:
+                raise SelectionError(f"{source}: the required option {option.name!r} is missing")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SelectionError(f"{source}: unknown options {unknown}")
+    for name, value in values.items():
+        if not _accepts(known[name], value):
+            hint = str(known[name]).replace("<class '", "").replace("'>", "")
+            raise SelectionError(f"{source}: {name} must be {hint}, got {value!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -27,12 +28,29 @@ if TYPE_CHECKING:
 SUBSET_MARKER = ".roadseg_subset"
 
 
-def _claim_target(target: Path) -> Path:
-    """A fresh temporary folder beside ``target``; refuses a ``target`` that holds anything but an earlier subset."""
+def check_materialize_target(target: str | os.PathLike[str]) -> None:
+    """Raise `SelectionError` unless ``target`` is absent, empty, or an earlier subset (which it replaces)."""
+    target = Path(target)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / SUBSET_MARKER).exists())):
         raise SelectionError(
             f"{target}: exists and is not a subset written by run_selection.py; choose another --materialize_dir"
         )
+
+
+def remove_stale_staging(target: str | os.PathLike[str]) -> None:
+    """Remove the temporary folders a killed materialisation left beside ``target`` (call it holding the lock)."""
+    target = Path(target)
+    # tempfile.mkdtemp's names below: ".<target>.<8 characters>", with "old." or "cache." for the other two.
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.((old|cache)\.)?[a-z0-9_]{{8}}")
+    if target.parent.is_dir():
+        for entry in target.parent.iterdir():
+            if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+
+
+def _claim_target(target: Path) -> Path:
+    """A fresh temporary folder beside ``target``; refuses a ``target`` that holds anything but an earlier subset."""
+    check_materialize_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
 

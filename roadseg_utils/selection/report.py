@@ -16,6 +16,7 @@ from .scoring import FORMULA
 from .strategies import Selection
 
 REPORT_FILE = "report.md"
+PLOT_FILES = ("class_frequency.png", "score_distribution.png")
 
 
 def _natural_key(text: str) -> list[Any]:
@@ -149,6 +150,6 @@ def write_plots(selection: Selection, label_set: LabelSet, output_dir: str | os.
     cutoff = float(selection.score[selection.selected].min()) if selection.header["strategy"] == "weighted" else None
     return [
         plot_class_frequency(names, selection.frequency, subset_share, selection.rare_ids,
-                             output_dir / "class_frequency.png"),
-        plot_score_distribution(selection.score, selection.selected, output_dir / "score_distribution.png", cutoff),
+                             output_dir / PLOT_FILES[0]),
+        plot_score_distribution(selection.score, selection.selected, output_dir / PLOT_FILES[1], cutoff),
     ]

@@ -120,6 +120,19 @@ class Selection:
     header: dict[str, Any]
 
 
+def _check_labelled(presence: np.ndarray, source: str, min_pixels: int) -> None:
+    """Refuse a pool without any class present (nothing to rank by); warn about images without one (they score 0)."""
+    unlabelled = int((~presence.any(axis=1)).sum())
+    if unlabelled == len(presence):
+        raise SelectionError(
+            f"{source}: no mask of the training pool holds a class with at least {min_pixels} pixel(s) (all 255 = "
+            "ignore?), so there is nothing to rank images by"
+        )
+    if unlabelled:
+        logger.warning(f"{unlabelled} of {len(presence)} pool images hold no class with at least {min_pixels} "
+                       "pixel(s) (only 255 = ignore?); their CDS and RCS are 0")
+
+
 def select_images(
     stats: ClassStats, args: SelectionArguments, label_set: LabelSet, source: str | None = None
 ) -> Selection:
@@ -128,6 +141,7 @@ def select_images(
     source = source or pool.source
     budget = resolve_budget(len(pool), args.num_images, args.fraction, source)
     presence = class_presence(histograms, label_set.num_labels, args.min_pixels)
+    _check_labelled(presence, source, args.min_pixels)
     frequency = image_frequency(presence)
     rare_ids = resolve_rare_classes(frequency, label_set, args.rare_classes, args.rare_threshold)
     cds = class_diversity(histograms, label_set.num_labels, args.min_pixels, args.cds_mode)
