@@ -14,7 +14,6 @@ process writes files.
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,7 @@ from transformers.utils import logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
 from roadseg_utils.card import model_index_dataset_type, model_index_results, update_model_card_eval_results
-from roadseg_utils.cli import one_line
+from roadseg_utils.cli import CommandLineError, one_line, parse_script_arguments
 from roadseg_utils.data import (
     SPLIT_ALIASES,
     DataError,
@@ -164,37 +163,14 @@ class EvalArguments:
         return f"EvalArguments({shown})"
 
 
-def _read_argument_file(path: Path) -> dict[str, Any]:
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EvalInputError(f"{path}: argument file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EvalInputError(f"{path}: not a readable JSON argument file ({one_line(err)})") from err
-    if not isinstance(payload, dict):
-        raise EvalInputError(f"{path}: the argument file must hold a JSON object of option names and values")
-    return payload
-
-
 def parse_arguments(argv: Sequence[str] | None = None) -> tuple[EvalArguments, DataSourceArguments, bool]:
     """The two argument dataclasses from the command line or one JSON file, and whether --label_set was given."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((EvalArguments, DataSourceArguments))
-    from_file = len(argv) == 1 and argv[0].endswith(".json")
-    try:
-        if from_file:
-            payload = _read_argument_file(Path(argv[0]))
-            eval_args, data_args = parser.parse_dict(payload)
-            return eval_args, data_args, "label_set" in payload
-        # A None default tells "not given" apart from an explicit --label_set idd-level3.
-        parser.set_defaults(label_set=None)
-        eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
-        return eval_args, data_args, data_args.label_set is not None
-    except EvalInputError:
-        raise
-    except (ValueError, TypeError) as err:
-        # The dataclasses' own checks (DataSourceArguments) and unknown or mistyped keys of a JSON file.
-        raise EvalInputError((f"{argv[0]}: " if from_file else "") + one_line(err)) from err
+    # A None default tells "not given" apart from an explicit --label_set idd-level3 on the command line.
+    parser.set_defaults(label_set=None)
+    (eval_args, data_args), payload = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
+    label_set_given = "label_set" in payload if payload is not None else data_args.label_set is not None
+    return eval_args, data_args, label_set_given
 
 
 def choose_label_set(
@@ -407,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         eval_args, data_args, label_set_given = parse_arguments(argv)
         return score_checkpoint(eval_args, data_args, label_set_given)
-    except (EvalInputError, ModelLoadError, DataError, LabelSetError, OutputDirError, HubPublishError) as err:
+    except (CommandLineError, EvalInputError, ModelLoadError, DataError, LabelSetError, OutputDirError,
+            HubPublishError) as err:
         print(f"run_eval.py: error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import transformers
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging as hf_logging
 
@@ -49,7 +49,8 @@ from roadseg_utils.checkpoints import (
     newest_complete_checkpoint,
     remove_stale_staging,
 )
-from roadseg_utils.cli import one_line, parse_size
+from roadseg_utils.cli import CommandLineError, OneLineParser, one_line, parse_script_arguments, parse_size
+from roadseg_utils.cli import fail as fail_with
 from roadseg_utils.data import (
     SPLITS,
     BadSampleGuard,
@@ -237,42 +238,13 @@ def training_argument_problem(args: TrainingArguments) -> str | None:
     return None
 
 
-class CommandLineError(Exception):
-    """Bad arguments, data or checkpoint: reported as one line, and the script exits with status 1."""
-
-
-class OneLineParser(HfArgumentParser):
-    """`HfArgumentParser` whose errors become `CommandLineError` (argparse would print the whole usage first)."""
-
-    def error(self, message: str) -> NoReturn:
-        """Raise the error instead of printing the usage and exiting."""
-        raise CommandLineError(message)
-
-
 def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataTrainingArguments, FinetuneTrainingArguments]:
     """Parse the command line, or a single ``.json`` file holding every argument."""
-    argv = sys.argv[1:] if argv is None else argv
     parser = OneLineParser((ModelArguments, DataTrainingArguments, FinetuneTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        try:
-            config = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise CommandLineError(f"{argv[0]}: cannot read the argument file ({err.strerror})") from err
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CommandLineError(f"{argv[0]}: not a JSON argument file ({one_line(err)})") from err
-        if not isinstance(config, dict):
-            raise CommandLineError(f"{argv[0]}: expected a JSON object of option names and values, "
-                                   f"got {type(config).__name__}")
-        try:
-            return parser.parse_dict(config)
-        except (ValueError, TypeError) as err:
-            raise CommandLineError(f"{argv[0]}: {one_line(err)}") from err
-    try:
-        return parser.parse_args_into_dataclasses(args=argv)
-    except (ValueError, OSError) as err:
-        raise CommandLineError(one_line(err)) from err
+    parsed, _ = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
+    return parsed
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -295,8 +267,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 def fail(message: str) -> NoReturn:
     """Print one error line and exit with status 1."""
-    print(f"{SCRIPT}: error: {message}", file=sys.stderr)
-    raise SystemExit(1)
+    fail_with(SCRIPT, message)
 
 
 def checkpoint_to_resume(training_args: FinetuneTrainingArguments) -> str | None:

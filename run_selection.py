@@ -21,7 +21,6 @@ and decodes no label map. The split options of the data source (--train_fraction
 
 from __future__ import annotations
 
-import json
 import logging as std_logging
 import re
 import sys
@@ -34,7 +33,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from roadseg_utils.atomic import write_text_atomically
-from roadseg_utils.cli import one_line
+from roadseg_utils.cli import CommandLineError, one_line, parse_script_arguments
 from roadseg_utils.data import DataError, DataSourceArguments
 from roadseg_utils.labels import LabelSet, get_label_set
 from roadseg_utils.output_dir import INCOMPLETE_FILE, IncompleteMarker, OutputDirError, OutputLock, prepare_output_dir
@@ -206,21 +205,18 @@ def _materialize(stats: ClassStats, chosen: list[int], label_set: LabelSet, mode
     logger.info(f"wrote the {len(chosen)} selected images to {target}; load them with {load_hint}")
 
 
+def check_argument_file(path: str, values: dict[str, object]) -> None:
+    """Refuse an argument file with unknown options, values of the wrong type or a required option missing."""
+    check_json_arguments(path, values, (DataSourceArguments, SelectionArguments))
+
+
 def parse_arguments(argv: list[str]) -> tuple[DataSourceArguments, SelectionArguments]:
     """The two argument groups from the command line or from one JSON file; a bad value is a one-line usage error."""
     parser = HfArgumentParser((DataSourceArguments, SelectionArguments), description=DESCRIPTION)
     try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            try:
-                values = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise SelectionError(f"{argv[0]}: cannot read the arguments file ({one_line(err)})") from err
-            check_json_arguments(argv[0], values, (DataSourceArguments, SelectionArguments))
-            data_args, selection_args = parser.parse_dict(values)
-        else:
-            data_args, selection_args = parser.parse_args_into_dataclasses(args=argv)
-    except (ValueError, OSError) as err:
-        parser.error(one_line(err))
+        (data_args, selection_args), _ = parse_script_arguments(parser, argv, check_argument_file)
+    except (CommandLineError, SelectionError) as err:
+        parser.error(str(err))
     return data_args, selection_args
 
 

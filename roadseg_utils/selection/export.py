@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import re
@@ -174,8 +175,11 @@ def _subset_dataset(
         rows = _RowGenerator(_record_rows, [pool.records[i] for i in indices], label_level(label_set))
     else:
         rows = _RowGenerator(_dataset_rows, pool.dataset, list(indices))
-    fingerprint = paths_fingerprint([pool.paths[i] for i in indices])
-    subset = datasets.Dataset.from_generator(rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint)
+    # datasets >= 4.3 takes the fingerprint as given; older versions hash the generator and its arguments instead.
+    extra = {}
+    if "fingerprint" in inspect.signature(datasets.Dataset.from_generator).parameters:
+        extra["fingerprint"] = paths_fingerprint([pool.paths[i] for i in indices])
+    subset = datasets.Dataset.from_generator(rows, features=features, cache_dir=cache_dir, **extra)
     return datasets.DatasetDict({"train": subset})
 
 

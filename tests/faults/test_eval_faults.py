@@ -256,7 +256,7 @@ def test_export_level_finer_than_the_model_stops_before_the_data(capsys, tmp_pat
 
 ARGUMENT_FILES = {
     "args-file-not-json": ('{"output_dir": ', "not a readable JSON argument file"),
-    "args-file-not-an-object": ('["--output_dir", "x"]', "must hold a JSON object"),
+    "args-file-not-an-object": ('["--output_dir", "x"]', "expected a JSON object"),
     "args-file-unknown-key": ('{"model_name_or_path": "tiny", "output_dir": "x", "batchsize": 2}', "batchsize"),
     "args-file-missing": (None, "argument file not found"),
 }

@@ -145,7 +145,7 @@ def test_missing_selection_manifest_is_one_line(tmp_path, capsys):
 
 
 BAD_CONFIGS = {
-    "json-malformed": ('{"model_name_or_path": "tiny", "output_dir": ', "not a JSON argument file"),
+    "json-malformed": ('{"model_name_or_path": "tiny", "output_dir": ', "not a readable JSON argument file"),
     "json-not-an-object": ('["--model_name_or_path", "tiny"]', "expected a JSON object"),
     "json-unknown-key": ('{"output_dir": "out", "learning_rat": 0.001}', "learning_rat"),
     "json-nan-learning-rate": ('{"output_dir": "out", "learning_rate": NaN}', "--learning_rate"),

@@ -405,7 +405,7 @@ def _json_file(tmp_path: Path, text: str) -> str:
 
 
 BAD_JSON = {
-    "json-malformed": ('{"data_dir": ', "cannot read the arguments file"),
+    "json-malformed": ('{"data_dir": ', "not a readable JSON argument file"),
     "json-not-an-object": ("[1, 2]", "expected a JSON object"),
     "json-wrong-type": ('{"data_dir": "D", "output_dir": "O", "num_images": "5"}', "num_images must be"),
     "json-unknown-option": ('{"data_dir": "D", "output_dir": "O", "budget": 5}', "unknown options ['budget']"),
@@ -424,7 +424,7 @@ def test_bad_json_argument_file_is_one_line_naming_it(fault, clean_tree, tmp_pat
 
 
 def test_missing_json_argument_file_is_one_line(tmp_path, capsys):
-    _refused([str(tmp_path / "absent.json")], capsys, "absent.json", "cannot read the arguments file")
+    _refused([str(tmp_path / "absent.json")], capsys, "absent.json", "argument file not found")
 
 
 FOLDER_FAULTS = {
