@@ -8,7 +8,11 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test lint demo clean
+COMPAT_VENV ?= .venv-compat
+# The lowest versions requirements.txt admits for the packages whose lower bounds matter most, read from it.
+COMPAT_PINS := $(shell sed -n -E 's/^(torch|transformers|accelerate|datasets|huggingface-hub|albumentations)>=([^ ,;]+).*/\1==\2/p' requirements.txt)
+
+.PHONY: install test test-compat lint demo clean
 
 $(STAMP): requirements.txt requirements-dev.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +28,14 @@ lint: $(STAMP)
 
 test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# A second venv with the lowest admitted versions, and the whole pipeline run there (tests/compat).
+test-compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install --quiet $(COMPAT_PINS) -r requirements.txt pytest
+	$(COMPAT_VENV)/bin/python -m pip check
+	ROADSEG_COMPAT=1 OMP_NUM_THREADS=1 $(COMPAT_VENV)/bin/python -m pytest -q tests/compat
 
 # The whole pipeline on synthetic scenes with the tiny model: generate, select, fine-tune (encoder and pixel
 # decoder frozen), evaluate on the held-out test split. The higher learning rate suits a randomly initialised head.
@@ -41,4 +53,4 @@ demo: $(STAMP)
 	@echo "selection report and plots: $(DEMO_DIR)/selection/report.md, $(DEMO_DIR)/selection/*.png"
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(COMPAT_VENV) runs

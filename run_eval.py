@@ -14,6 +14,11 @@ process writes files.
 
 from __future__ import annotations
 
+from roadseg_utils.versions import check_versions
+
+# First: with too old a torch, transformers or accelerate the imports below may fail, or training may fail later.
+check_versions("run_eval.py")
+
 import logging as std_logging
 import sys
 from collections.abc import Mapping, Sequence

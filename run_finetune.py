@@ -19,6 +19,11 @@ written. Every refusal is one line ``run_finetune.py: error: ...`` and exit stat
 
 from __future__ import annotations
 
+from roadseg_utils.versions import check_versions
+
+# First: with too old a torch, transformers or accelerate the imports below may fail, or training may fail later.
+check_versions("run_finetune.py")
+
 import json
 import logging
 import math

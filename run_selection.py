@@ -21,6 +21,11 @@ and decodes no label map. The split options of the data source (--train_fraction
 
 from __future__ import annotations
 
+from roadseg_utils.versions import check_versions
+
+# First: with too old a torch, transformers or accelerate the imports below may fail, or training may fail later.
+check_versions("run_selection.py")
+
 import logging as std_logging
 import re
 import sys
