@@ -24,7 +24,6 @@ from roadseg_utils.versions import check_versions
 # First: with too old a torch, transformers or accelerate the imports below may fail, or training may fail later.
 check_versions("run_finetune.py")
 
-import json
 import logging
 import math
 import os
@@ -37,39 +36,30 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import get_available_reporting_integrations
 from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging as hf_logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
-from roadseg_utils.atomic import write_text_atomically
-from roadseg_utils.card import FinetuneCardInfo, strip_prefix, training_hyperparameters, write_finetune_card
-from roadseg_utils.checkpoints import (
-    checkpoint_folders,
-    checkpoint_problem,
-    newest_complete_checkpoint,
-    remove_stale_staging,
-)
+from roadseg_utils.card import strip_prefix
+from roadseg_utils.checkpoints import checkpoint_folders, checkpoint_to_resume, remove_stale_staging
 from roadseg_utils.cli import CommandLineError, OneLineParser, one_line, parse_script_arguments, parse_size
 from roadseg_utils.cli import fail as fail_with
 from roadseg_utils.data import (
-    SPLITS,
     BadSampleGuard,
     DataError,
     DataSourceArguments,
-    dataset_column,
     load_segmentation_dataset,
-    paths_fingerprint,
     with_sample_transform,
 )
-from roadseg_utils.evaluation import json_safe
+from roadseg_utils.finetune_outputs import run_identity, write_outputs
 from roadseg_utils.freezing import FROZEN_PARTS
 from roadseg_utils.hub import HubPublishError, require_hub
-from roadseg_utils.labels import LabelSet, get_label_set
+from roadseg_utils.labels import get_label_set
 from roadseg_utils.modeling import DEFAULT_CHECKPOINT, TINY_MODEL, ModelLoadError, load_image_processor, load_model
 from roadseg_utils.output_dir import (
     IncompleteMarker,
@@ -86,13 +76,10 @@ from roadseg_utils.trainer import (
     peak_memory_metrics,
 )
 from roadseg_utils.transforms import build_eval_transforms, build_train_transforms, make_transform_fn
-from roadseg_utils.visualize import save_score_charts
 
 logger = hf_logging.get_logger(__name__)
 
 SCRIPT = "run_finetune.py"
-RESULTS_FILE = "all_results.json"
-SPLITS_FILE = "data_splits.json"
 
 
 @dataclass
@@ -187,6 +174,11 @@ class FinetuneTrainingArguments(TrainingArguments):
     label_names: list[str] | None = field(
         default_factory=lambda: ["mask_labels", "class_labels"], metadata={"help": "Label keys of a batch."}
     )
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"help": "Loggers to send metrics to (tensorboard, wandb, ...); none by default on every transformers "
+                  "version, so a preinstalled wandb does not start logging unasked."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Replace the outputs of another run in --output_dir and start over (its checkpoints are "
@@ -240,6 +232,10 @@ def training_argument_problem(args: TrainingArguments) -> str | None:
             return f"--{name}_steps must be a positive number with --{name}_strategy steps, got {steps}"
     if args.do_train and args.max_steps < 0 and args.num_train_epochs == 0:
         return "--num_train_epochs 0 trains nothing: give a positive number of epochs or --max_steps"
+    loggers = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+    missing = [name for name in loggers if name not in ("none", "all", *get_available_reporting_integrations())]
+    if missing:
+        return f"--report_to {missing[0]}: its package is not installed (pip install {missing[0]})"
     return None
 
 
@@ -273,52 +269,6 @@ def setup_logging(training_args: TrainingArguments) -> None:
 def fail(message: str) -> NoReturn:
     """Print one error line and exit with status 1."""
     fail_with(SCRIPT, message)
-
-
-def checkpoint_to_resume(training_args: FinetuneTrainingArguments) -> str | None:
-    """The checkpoint to resume from: --resume_from_checkpoint if complete, else the newest complete one in output_dir.
-
-    Newer checkpoints a killed run left partial are logged and passed over. An incomplete --resume_from_checkpoint
-    raises `CommandLineError`.
-    """
-    world_size, with_optimizer = training_args.world_size, not training_args.save_only_model
-    named = training_args.resume_from_checkpoint
-    if named:
-        problem = checkpoint_problem(named, world_size, with_optimizer)
-        if problem is not None:
-            raise CommandLineError(f"--resume_from_checkpoint {named}: {problem}; name a complete checkpoint")
-        return named
-    if not training_args.do_train or training_args.overwrite_output_dir:
-        return None
-    newest, skipped = newest_complete_checkpoint(training_args.output_dir, world_size, with_optimizer)
-    for folder, problem in skipped:
-        logger.warning(f"not resuming from {folder}: {problem} (a run stopped while writing it)")
-    return str(newest) if newest is not None else None
-
-
-def run_identity(
-    model_args: ModelArguments, data_args: DataTrainingArguments, label_set: LabelSet, splits: Mapping[str, Any],
-    train_rows: Any,
-) -> dict[str, Any]:
-    """What the outputs of a run depend on: a rerun with other values must not resume or mix with them."""
-    source = data_args.describe_source()
-    return {
-        "data": os.path.abspath(source) if os.path.exists(source) else source,
-        "splits": {name: paths_fingerprint(dataset_column(splits[name], "path")) for name in SPLITS},
-        "trained_on": paths_fingerprint(dataset_column(train_rows, "path")),
-        "label_set": label_set.name,
-        "labels": [label_set.id2label[i] for i in range(label_set.num_labels)],
-        "model": model_args.model_name_or_path,
-    }
-
-
-def save_split_plots(
-    output_dir: Path, split: str, scores: Mapping[str, Any], confusion: np.ndarray, label_set: LabelSet
-) -> list[str]:
-    """The confusion matrix and per-class IoU chart of one split under ``output_dir/plots``; their relative paths."""
-    written = [f"plots/confusion_matrix_{split}.png", f"plots/per_class_iou_{split}.png"]
-    save_score_charts(confusion, scores, label_set, f"{output_dir.name}: {split}", *(output_dir / p for p in written))
-    return written
 
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -491,69 +441,6 @@ def train_and_evaluate(
         confusions["test"] = (trainer.compute_metrics.last_results, trainer.compute_metrics.last_confusion)
     results.update(peak_memory_metrics())
     return results, evaluated, confusions
-
-
-def write_outputs(
-    trainer: FrozenBackboneTrainer,
-    model_args: ModelArguments,
-    data_args: DataTrainingArguments,
-    training_args: FinetuneTrainingArguments,
-    output_dir: Path,
-    label_set: LabelSet,
-    splits: Mapping[str, Any],
-    train_rows: Any,
-    selection: Any,
-    results: Mapping[str, Any],
-    evaluated: Mapping[str, Any],
-    confusions: Mapping[str, Any],
-) -> None:
-    """all_results.json, data_splits.json, the plots and the model card (main process)."""
-    write_text_atomically(output_dir / RESULTS_FILE, json.dumps(json_safe(results), indent=2) + "\n")
-    split_paths = {name: sorted(str(p) for p in dataset_column(splits[name], "path")) for name in SPLITS}
-    split_record = {
-        "seed": training_args.seed,
-        "split_by": data_args.split_by,
-        "fractions": data_args.fractions,
-        "source": data_args.describe_source(),
-        "fingerprints": {name: paths_fingerprint(paths) for name, paths in split_paths.items()},
-        "trained_on": len(train_rows),
-        "paths": split_paths,
-    }
-    write_text_atomically(output_dir / SPLITS_FILE, json.dumps(split_record, indent=1) + "\n")
-    plots = [
-        path
-        for split, (scores, confusion) in confusions.items()
-        if scores is not None and confusion is not None
-        for path in save_split_plots(output_dir, split, scores, confusion, label_set)
-    ]
-    is_hub_model = model_args.model_name_or_path != TINY_MODEL and not os.path.exists(model_args.model_name_or_path)
-    card = FinetuneCardInfo(
-        model_name=training_args.hub_model_id or output_dir.name,
-        label_set=label_set,
-        base_model=model_args.model_name_or_path if is_hub_model else None,
-        data_source=data_args.describe_source(),
-        dataset_name=Path(data_args.describe_source()).name or data_args.describe_source(),
-        split_sizes={name: len(splits[name]) for name in SPLITS} | {"trained on": len(train_rows)},
-        split_description=(
-            f"seed {training_args.seed}, by {data_args.split_by}, fractions "
-            + " / ".join(f"{value:g}" for value in data_args.fractions.values())
-            + f"; paths in {SPLITS_FILE}"
-        ),
-        selection=selection,
-        hyperparameters={
-            **training_hyperparameters(training_args),
-            "crop_size": data_args.crop_size,
-            "scale_range": f"{data_args.min_scale}-{data_args.max_scale}",
-            "eval_shortest_edge": data_args.eval_edge or "original size",
-            "world_size": training_args.world_size,
-        },
-        frozen_modules=[FROZEN_PARTS[part] for part in model_args.frozen_parts],
-        parameter_counts=trainer.parameter_counts,
-        metrics=evaluated,
-        plots=plots,
-    )
-    trainer.card_writer = lambda folder: write_finetune_card(folder, card)
-    write_finetune_card(output_dir, card)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ from typing import Any
 
 from safetensors import SafetensorError
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
+
+from .cli import CommandLineError
 
 logger = logging.get_logger(__name__)
 
@@ -244,3 +246,24 @@ class CheckpointSafety(Trainer):
             self.control.should_training_stop = True
             return
         super()._run_epoch(*args, **kwargs)
+
+
+def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: --resume_from_checkpoint if complete, else the newest complete one in output_dir.
+
+    Newer checkpoints a killed run left partial are logged and passed over. An incomplete --resume_from_checkpoint
+    raises `CommandLineError`.
+    """
+    world_size, with_optimizer = training_args.world_size, not training_args.save_only_model
+    named = training_args.resume_from_checkpoint
+    if named:
+        problem = checkpoint_problem(named, world_size, with_optimizer)
+        if problem is not None:
+            raise CommandLineError(f"--resume_from_checkpoint {named}: {problem}; name a complete checkpoint")
+        return named
+    if not training_args.do_train or training_args.overwrite_output_dir:
+        return None
+    newest, skipped = newest_complete_checkpoint(training_args.output_dir, world_size, with_optimizer)
+    for folder, problem in skipped:
+        logger.warning(f"not resuming from {folder}: {problem} (a run stopped while writing it)")
+    return str(newest) if newest is not None else None

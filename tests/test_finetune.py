@@ -197,3 +197,22 @@ def test_offline_hub_id_exits_with_one_line_and_no_traceback(scenes, tmp_path):
     assert "Traceback" not in completed.stderr
     last = completed.stderr.strip().splitlines()[-1]
     assert last.startswith("run_finetune.py: error: cannot fetch 'facebook/no-such-model-offline'")
+
+
+def test_no_logger_by_default_and_tensorboard_writes_events(scenes, tmp_path, monkeypatch, capsys):
+    # transformers 4.57 would report to every installed logger (a preinstalled wandb would start logging).
+    _, _, training_args = run_finetune.parse_arguments(["--output_dir", str(tmp_path / "a")])
+    assert training_args.report_to == []
+
+    finetune(scenes, tmp_path / "tb", "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no",
+             "--do_eval", "False", "--do_predict", "False", "--report_to", "tensorboard", "--logging_steps", "1")
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "no tensorboard event file written"
+
+    # Without the logger's package: one line naming the fix, before any work.
+    monkeypatch.setattr(run_finetune, "get_available_reporting_integrations", lambda: [])
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(scenes, tmp_path / "no-tb", "--max_steps", "2", "--report_to", "tensorboard")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "run_finetune.py: error: --report_to tensorboard: its package is not installed (pip install tensorboard)")
+    assert not (tmp_path / "no-tb").exists()
