@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,14 @@ def launch_two_processes(script: Path, args: list[str], record_dir: Path) -> sub
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "ROADSEG_RECORD_DIR": str(record_dir), "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    if completed.returncode != 0 and "(SIGABRT)" in completed.stderr:
+        # Once in several full-suite runs on the 2-core CI machine a gloo rank has aborted in C++ ("terminate called
+        # without an active exception") as the final evaluation starts; 14 repeats under load did not reproduce it.
+        # One rerun keeps that rare abort visible (a warning with its log) without turning CI red; any other
+        # failure, or a second abort, fails the test.
+        warnings.warn(f"a two-process run aborted; rerunning it once:\n{completed.stderr[-3000:]}", stacklevel=2)
+        shutil.rmtree(args[args.index("--output_dir") + 1], ignore_errors=True)
+        completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     return completed
 
