@@ -34,7 +34,7 @@ from transformers.utils import logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
 from roadseg_utils.card import model_index_dataset_type, model_index_results, update_model_card_eval_results
-from roadseg_utils.cli import CommandLineError, one_line, parse_script_arguments
+from roadseg_utils.cli import CommandLineError, fail, one_line, parse_script_arguments
 from roadseg_utils.data import (
     SPLIT_ALIASES,
     DataError,
@@ -390,8 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return score_checkpoint(eval_args, data_args, label_set_given)
     except (CommandLineError, EvalInputError, ModelLoadError, DataError, LabelSetError, OutputDirError,
             HubPublishError) as err:
-        print(f"run_eval.py: error: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+        fail(SCRIPT, one_line(err))
 
 
 if __name__ == "__main__":

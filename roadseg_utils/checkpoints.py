@@ -41,7 +41,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .cli import CommandLineError
+from .cli import CommandLineError, one_line
 
 logger = logging.get_logger(__name__)
 
@@ -60,12 +60,8 @@ class SaveError(OSError):
     """Writing a checkpoint or the final model failed; the message names the folder and the reason in one line."""
 
     def __init__(self, folder: str | os.PathLike[str], err: BaseException) -> None:
-        reason = "no space left on the device" if _out_of_space(folder, err) else _first_line(err)
+        reason = "no space left on the device" if _out_of_space(folder, err) else one_line(err)
         super().__init__(f"cannot write {folder}: {reason}")
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _out_of_space(folder: str | os.PathLike[str], err: BaseException) -> bool:
