@@ -42,6 +42,7 @@ from roadseg_utils.data import (
     EmptyDatasetError,
     dataset_column,
     load_segmentation_dataset,
+    source_label_set,
     with_sample_transform,
 )
 from roadseg_utils.eval_loop import score_shards
@@ -57,7 +58,7 @@ from roadseg_utils.evaluation import (
 from roadseg_utils.export import StagedExport, export_lookup, export_paths
 from roadseg_utils.hub import HubPublishError, hub_is_reachable, push_files_to_hub
 from roadseg_utils.inference import TTA_CHOICES
-from roadseg_utils.labels import IDD_LEVELS, LabelSet, LabelSetError, get_label_set, idd_level_of
+from roadseg_utils.labels import IDD_LEVELS, LabelSet, LabelSetError, idd_level_of
 from roadseg_utils.metrics import compute_segmentation_metrics
 from roadseg_utils.modeling import (
     TINY_MODEL,
@@ -168,35 +169,34 @@ class EvalArguments:
         return f"EvalArguments({shown})"
 
 
-def parse_arguments(argv: Sequence[str] | None = None) -> tuple[EvalArguments, DataSourceArguments, bool]:
-    """The two argument dataclasses from the command line or one JSON file, and whether --label_set was given."""
+def parse_arguments(argv: Sequence[str] | None = None) -> tuple[EvalArguments, DataSourceArguments]:
+    """The two argument dataclasses from the command line or one JSON file."""
     parser = HfArgumentParser((EvalArguments, DataSourceArguments))
-    # A None default tells "not given" apart from an explicit --label_set idd-level3 on the command line.
-    parser.set_defaults(label_set=None)
-    (eval_args, data_args), payload = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
-    label_set_given = "label_set" in payload if payload is not None else data_args.label_set is not None
-    return eval_args, data_args, label_set_given
+    (eval_args, data_args), _ = parse_script_arguments(parser, sys.argv[1:] if argv is None else argv)
+    return eval_args, data_args
 
 
-def choose_label_set(
-    eval_args: EvalArguments, data_args: DataSourceArguments, label_set_given: bool
-) -> tuple[LabelSet, Any]:
+def choose_label_set(eval_args: EvalArguments, data_args: DataSourceArguments) -> tuple[LabelSet, Any]:
     """The label set to score with, and the model when it had to be loaded to know it (a Hub id), else None.
 
     A local folder is checked from its headers and its config.json read, so a bad folder or a label set that
-    disagrees with the model stops the run before any weight or image is read.
+    disagrees with the model stops the run before any weight or image is read. Without --label_set, the data's own
+    label set (a dataset's id2label.json, else IDD level 3) is used when it names the model's classes alike.
     """
     name = eval_args.model_name_or_path
+    data_label_set = source_label_set(data_args)
     if name == TINY_MODEL:
-        return get_label_set(data_args.label_set or "idd-level3"), None
-    requested = data_args.label_set if label_set_given else None
+        return data_label_set, None
     local = Path(name).expanduser()
-    if local.exists() or name.startswith((".", "/", "~")):
-        id2label = check_model_folder(local).get("id2label")
-        if id2label:
-            return resolve_label_set(id2label, requested, name), None
-    model = load_model(name, None, eval_args.model_revision, eval_args.hub_token, eval_args.cache_dir)
-    return resolve_label_set(model.config.id2label, requested, name), model
+    model = None
+    id2label = check_model_folder(local).get("id2label") if local.exists() or name.startswith((".", "/", "~")) else None
+    if not id2label:
+        model = load_model(name, None, eval_args.model_revision, eval_args.hub_token, eval_args.cache_dir)
+        id2label = model.config.id2label
+    label_set = resolve_label_set(id2label, data_args.label_set, name)
+    if data_args.label_set is None and class_names(data_label_set.id2label) == class_names(label_set.id2label):
+        label_set = data_label_set
+    return label_set, model
 
 
 def check_before_work(eval_args: EvalArguments) -> None:
@@ -214,7 +214,7 @@ def check_before_work(eval_args: EvalArguments) -> None:
         prepare_output_dir(local, "--update_model_card: the model folder")
 
 
-def score_checkpoint(eval_args: EvalArguments, data_args: DataSourceArguments, label_set_given: bool) -> dict[str, Any]:
+def score_checkpoint(eval_args: EvalArguments, data_args: DataSourceArguments) -> dict[str, Any]:
     """Check, load, predict, score and write every output; returns the eval_results.json payload.
 
     The main process locks ``--output_dir`` (and the export's staging folder) for the whole run, writes into
@@ -236,7 +236,7 @@ def score_checkpoint(eval_args: EvalArguments, data_args: DataSourceArguments, l
             outputs = stack.enter_context(StagedOutputs(eval_args.output_dir, SCRIPT))
             if export:
                 stack.enter_context(export)
-        scored = score_split(eval_args, data_args, label_set_given, accelerator, export)
+        scored = score_split(eval_args, data_args, accelerator, export)
         if is_main:
             write_outputs(outputs.staging, scored.results, scored.matrix, scored.metrics, scored.label_set,
                           scored.dataset, overlay_indices(len(scored.dataset), eval_args.num_overlays),
@@ -263,7 +263,6 @@ class ScoredSplit(NamedTuple):
 def score_split(
     eval_args: EvalArguments,
     data_args: DataSourceArguments,
-    label_set_given: bool,
     accelerator: Accelerator,
     export: StagedExport | None,
 ) -> ScoredSplit:
@@ -272,7 +271,7 @@ def score_split(
     The main process writes the exported predictions into ``export.folder`` as they come.
     """
     name = eval_args.model_name_or_path
-    label_set, model = choose_label_set(eval_args, data_args, label_set_given)
+    label_set, model = choose_label_set(eval_args, data_args)
     lookup, export_level = export_lookup(label_set, eval_args.export_level)
     processor = load_image_processor(name)
     if eval_args.eval_shortest_edge is None:
@@ -386,8 +385,8 @@ def publish_results(results: Mapping[str, Any], eval_args: EvalArguments, data_a
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; bad input ends with one line on stderr and exit status 1 (README, "Errors")."""
     try:
-        eval_args, data_args, label_set_given = parse_arguments(argv)
-        return score_checkpoint(eval_args, data_args, label_set_given)
+        eval_args, data_args = parse_arguments(argv)
+        return score_checkpoint(eval_args, data_args)
     except (CommandLineError, EvalInputError, ModelLoadError, DataError, LabelSetError, OutputDirError,
             HubPublishError) as err:
         fail(SCRIPT, one_line(err))

@@ -39,8 +39,8 @@ from transformers.utils import logging
 
 from roadseg_utils.atomic import write_text_atomically
 from roadseg_utils.cli import CommandLineError, one_line, parse_script_arguments
-from roadseg_utils.data import DataError, DataSourceArguments
-from roadseg_utils.labels import LabelSet, get_label_set
+from roadseg_utils.data import DataError, DataSourceArguments, source_label_set
+from roadseg_utils.labels import LabelSet
 from roadseg_utils.output_dir import INCOMPLETE_FILE, IncompleteMarker, OutputDirError, OutputLock, prepare_output_dir
 from roadseg_utils.selection import (
     CACHE_FILE,
@@ -137,7 +137,7 @@ def _check_rare_classes(selection_args: SelectionArguments, label_set: LabelSet)
 def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> dict[str, object]:
     """Check the arguments and folders, then rank, select and write every output; returns the paths and counts."""
     start = time.perf_counter()
-    label_set = get_label_set(data_args.label_set)
+    label_set = source_label_set(data_args)
     _check_rare_classes(selection_args, label_set)
     _check_data_folder(data_args)
     output_dir = prepare_output_dir(selection_args.output_dir)

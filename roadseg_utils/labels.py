@@ -292,8 +292,10 @@ def load_id2label_file(path: str | Path) -> LabelSet:
     return custom_label_set(path.stem, dict(sorted(id2label.items())), colors)
 
 
-def get_label_set(spec: str = "idd-level3") -> LabelSet:
-    """Resolve ``idd-level1..4`` (or ``idd``, meaning level 3) or a path to an ``id2label`` JSON file."""
+def get_label_set(spec: str | None = None) -> LabelSet:
+    """Resolve ``idd-level1..4`` (or ``idd``, meaning level 3) or a path to an ``id2label`` JSON file; None: level 3."""
+    if spec is None:
+        return idd_label_set(3)
     if spec == "idd":
         return idd_label_set(3)
     level = idd_level_of(spec)

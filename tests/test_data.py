@@ -41,6 +41,7 @@ from roadseg_utils.data import (
     load_split_records,
     rasterize_polygons,
     read_label_map,
+    source_label_set,
     split_dataset,
     split_records,
     validate_records,
@@ -314,6 +315,82 @@ def test_save_to_disk_folder_with_array_labels_loads(tmp_path):
             index = next(i for i, b in images.items() if b == np.asarray(row["image"]).tobytes())
             assert np.array_equal(row["label"], _label(index))
             assert row["path"].startswith("train/" if index < 6 else "validation/") and row["sequence"] == "saved"
+
+
+def _save_annotated_dataset(folder: Path) -> None:
+    """A save_to_disk dataset whose label maps are in an 'annotation' column, beside a class-id 'label' column."""
+    features = datasets.Features({
+        "image": datasets.Image(), "label": datasets.ClassLabel(names=["day", "night"]),
+        "annotation": datasets.Image(),
+    })
+    datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(_image(i)) for i in range(6)], "label": [i % 2 for i in range(6)],
+         "annotation": [Image.fromarray(_label(i, num_labels=3)) for i in range(6)]},
+        features=features,
+    ).save_to_disk(str(folder))
+
+
+def test_annotation_column_is_found_without_label_column(tmp_path, caplog):
+    _save_annotated_dataset(tmp_path / "annotated")
+
+    with caplog.at_level(logging.INFO, logger="roadseg_utils"):
+        loaded = load_segmentation_dataset(DataSourceArguments(dataset_name=str(tmp_path / "annotated"),
+                                                               num_workers=1), seed=0)
+
+    rows = [row for split in SPLITS for row in loaded[split]]
+    assert len(rows) == 6
+    for row in rows:
+        index = next(i for i in range(6) if np.array_equal(np.asarray(row["image"]), _image(i)))
+        assert np.array_equal(row["label"], _label(index, num_labels=3))
+    assert "label maps read from column 'annotation'" in caplog.text
+
+
+def test_no_label_map_column_names_the_columns_looked_for(tmp_path):
+    datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(_image(i)) for i in range(3)], "label": [0, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+    ).save_to_disk(str(tmp_path / "classification"))
+
+    with pytest.raises(DataError) as error:
+        load_segmentation_dataset(DataSourceArguments(dataset_name=str(tmp_path / "classification"), num_workers=1))
+    message = str(error.value)
+    assert "no label column of label maps (looked for label, annotation, segmentation, mask)" in message
+    assert "set --label_column" in message and str(tmp_path / "classification") in message
+
+
+def test_a_dataset_folder_names_its_classes_with_its_own_id2label_json(tmp_path):
+    folder = tmp_path / "lanes"
+    _save_annotated_dataset(folder)
+    (folder / "id2label.json").write_text(json.dumps({"0": "lane", "1": "kerb", "2": "verge"}))
+
+    shipped = source_label_set(DataSourceArguments(dataset_name=str(folder)))
+    assert shipped.id2label == {0: "lane", 1: "kerb", 2: "verge"} and shipped.name == "lanes"
+    # --label_set wins over the shipped file; datasets without one keep the default.
+    assert source_label_set(DataSourceArguments(dataset_name=str(folder), label_set="idd-level1")).num_labels == 7
+    (folder / "id2label.json").unlink()
+    assert source_label_set(DataSourceArguments(dataset_name=str(folder))).name == "idd-level3"
+
+
+def test_a_hub_dataset_names_its_classes_with_the_id2label_json_of_its_repository(tmp_path, monkeypatch):
+    shipped = tmp_path / "hub-cache" / "id2label.json"
+    shipped.parent.mkdir()
+    shipped.write_text(json.dumps({"0": "road", "1": "not road"}))
+    asked = []
+
+    def fake_download(repo_id: str, filename: str, repo_type: str) -> str:
+        asked.append((repo_id, filename, repo_type))
+        return str(shipped)
+
+    monkeypatch.setattr(data.hf_source, "hf_hub_download", fake_download)
+    label_set = source_label_set(DataSourceArguments(dataset_name="someone/road-masks"))
+    assert asked == [("someone/road-masks", "id2label.json", "dataset")]
+    assert label_set.id2label == {0: "road", 1: "not road"} and label_set.name == "road-masks"
+
+    def missing(repo_id: str, filename: str, repo_type: str) -> str:
+        raise huggingface_hub.errors.EntryNotFoundError("404 id2label.json")
+
+    monkeypatch.setattr(data.hf_source, "hf_hub_download", missing)
+    assert source_label_set(DataSourceArguments(dataset_name="someone/road-masks")).name == "idd-level3"
 
 
 def test_imagefolder_with_label_images_loads(tmp_path, monkeypatch):

@@ -216,3 +216,37 @@ def test_no_logger_by_default_and_tensorboard_writes_events(scenes, tmp_path, mo
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "run_finetune.py: error: --report_to tensorboard: its package is not installed (pip install tensorboard)")
     assert not (tmp_path / "no-tb").exists()
+
+
+def test_hf_dataset_with_its_own_id2label_names_classes_in_card_and_eval_report(tmp_path):
+    import datasets
+
+    import run_eval
+
+    folder = tmp_path / "lanes"
+    rng = np.random.default_rng(0)
+    rows = {"image": [], "annotation": []}
+    for _ in range(12):
+        rows["image"].append(Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)))
+        rows["annotation"].append(Image.fromarray(rng.integers(0, 3, (48, 64), dtype=np.uint8)))
+    datasets.Dataset.from_dict(
+        rows, features=datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    ).save_to_disk(str(folder))
+    names = {"0": "lane", "1": "kerb", "2": "verge"}
+    (folder / "id2label.json").write_text(json.dumps(names))
+
+    # Neither --label_set nor --label_column: the dataset's own names and its "annotation" column.
+    run_finetune.main(["--model_name_or_path", "tiny", "--dataset_name", str(folder), "--output_dir",
+                       str(tmp_path / "ft"), *SPLIT_ARGS, *QUIET, "--max_steps", "2", "--crop_size", "32x64",
+                       "--eval_strategy", "no", "--save_strategy", "no"])
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["id2label"] == names
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert all(f"| {i} | {name} |" in card for i, name in enumerate(names.values()))
+
+    results = run_eval.main(["--model_name_or_path", str(tmp_path / "ft"), "--dataset_name", str(folder),
+                             *SPLIT_ARGS, "--output_dir", str(tmp_path / "ev"), "--num_overlays", "0",
+                             "--dataloader_num_workers", "0"])
+    assert results["class_names"] == list(names.values()) and results["label_set"] == "lanes"
+    report = (tmp_path / "ev" / "eval_report.md").read_text()
+    assert all(name in report for name in names.values())

@@ -29,14 +29,15 @@ Import from here (``from roadseg_utils.data import ...``); the modules behind it
 - `lazy_dataset`: `SampleDecoder`, `BadSampleGuard` (the bad-sample policy for rows read later, e.g. in DataLoader
   workers), `with_sample_transform`, `records_to_dataset`, `dataset_column`;
 - `legacy_pickle` and `hf_source`: the pickle and Hugging Face sources;
-- `builder`: `load_segmentation_dataset` and `load_split_records`.
+- `builder`: `source_label_set` (the label set the arguments and the data name), `load_segmentation_dataset` and
+  `load_split_records`.
 
 `datasets` is imported inside the functions that build a dataset: it is slow to import
 (`python -X importtime -c "import datasets"`), and finding or validating file layouts never needs it.
 """
 
-from .arguments import SPLIT_ALIASES, SPLITS, DataSourceArguments
-from .builder import load_segmentation_dataset, load_split_records, paths_fingerprint
+from .arguments import ID2LABEL_FILE, SPLIT_ALIASES, SPLITS, DataSourceArguments
+from .builder import load_segmentation_dataset, load_split_records, paths_fingerprint, source_label_set
 from .decoding import NPY_MAGIC, image_size, label_level, read_label_map, to_label_map, to_rgb_image
 from .errors import (
     BadSampleError,
@@ -62,7 +63,7 @@ from .image_files import check_regular_file
 from .layouts import IMAGE_EXTENSIONS, SampleRecord, find_records
 from .lazy_dataset import BadSampleGuard, SampleDecoder, dataset_column, records_to_dataset, with_sample_transform
 from .legacy_pickle import load_legacy_pickle
-from .splits import assign_splits, split_dataset, split_records
+from .splits import assign_splits, split_dataset, split_records, subsample
 from .validation import (
     ON_BAD_SAMPLE_MODES,
     VALIDATION_CHUNK,
@@ -79,6 +80,7 @@ __all__ = [
     "GROUP_SUFFIX",
     "IDD_IMAGE_SUFFIX",
     "IDD_POLYGON_SUFFIX",
+    "ID2LABEL_FILE",
     "IMAGE_EXTENSIONS",
     "NPY_MAGIC",
     "ON_BAD_SAMPLE_MODES",
@@ -120,8 +122,10 @@ __all__ = [
     "read_label_map",
     "records_to_dataset",
     "sort_samples",
+    "source_label_set",
     "split_dataset",
     "split_records",
+    "subsample",
     "to_label_map",
     "to_rgb_image",
     "validate_records",

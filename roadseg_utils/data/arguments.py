@@ -8,6 +8,10 @@ from pathlib import Path
 from .errors import DataError
 
 SPLITS = ("train", "validation", "test")
+# Column names Hugging Face segmentation datasets give their label maps ("annotation": scene_parse_150, ADE20k).
+LABEL_COLUMN_CANDIDATES = ("label", "annotation", "segmentation", "mask")
+# The file a Hugging Face dataset ships its class names in, as run_semantic_segmentation.py reads it.
+ID2LABEL_FILE = "id2label.json"
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
@@ -30,7 +34,11 @@ class DataSourceArguments:
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
     image_column: str = field(default="image", metadata={"help": "Image column of a Hugging Face dataset."})
-    label_column: str = field(default="label", metadata={"help": "Label-map column of a Hugging Face dataset."})
+    label_column: str | None = field(
+        default=None,
+        metadata={"help": "Label-map column of a Hugging Face dataset (default: the first of "
+                  + ", ".join(LABEL_COLUMN_CANDIDATES) + " that holds label maps)."},
+    )
     image_dir: str | None = field(
         default=None, metadata={"help": "Folder of images (flat layout; relative to --data_dir when given)."}
     )
@@ -51,8 +59,10 @@ class DataSourceArguments:
         default=None,
         metadata={"help": "Legacy pickle: a list of dicts with 'pixel_values' and 'label' (read with an allowlist)."},
     )
-    label_set: str = field(
-        default="idd-level3", metadata={"help": "idd-level1..idd-level4, or the path of an id2label JSON file."}
+    label_set: str | None = field(
+        default=None,
+        metadata={"help": "idd-level1..idd-level4, or the path of an id2label JSON file (default: the "
+                  f"{ID2LABEL_FILE} a Hugging Face dataset ships, else idd-level3)."},
     )
     on_bad_sample: str = field(
         default="error",

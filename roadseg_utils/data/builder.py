@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from transformers.utils import logging
 
-from ..labels import LabelSet, get_label_set
+from ..labels import LabelSet, get_label_set, load_id2label_file
 from .arguments import SPLITS, DataSourceArguments
-from .hf_source import load_hf_splits
+from .hf_source import load_hf_splits, shipped_id2label_file
 from .layouts import find_records
 from .lazy_dataset import records_to_dataset
 from .legacy_pickle import load_pickle_splits
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 
+def source_label_set(args: DataSourceArguments) -> LabelSet:
+    """The label set --label_set names, else the id2label.json a Hugging Face dataset ships, else IDD level 3."""
+    if args.label_set is not None:
+        return get_label_set(args.label_set)
+    shipped = shipped_id2label_file(args)
+    if shipped is None:
+        return get_label_set()
+    label_set = load_id2label_file(shipped)
+    logger.info(f"{label_set.num_labels} classes named by {shipped}, the dataset's own (--label_set overrides it)")
+    # Named after the dataset, not after the file every such dataset calls id2label.json.
+    return dataclasses.replace(label_set, name=args.dataset_name.rstrip("/").rsplit("/", 1)[-1])
+
+
 def load_split_records(
     args: DataSourceArguments, label_set: LabelSet | None = None, seed: int = 0
 ) -> dict[str, ValidationResult]:
@@ -33,7 +47,7 @@ def load_split_records(
     for callers that want the histograms, e.g. class statistics, without decoding any mask again;
     ``records_to_dataset(result.records, label_set, result.sizes)`` turns one split into its dataset.
     """
-    label_set = label_set or get_label_set(args.label_set)
+    label_set = label_set or source_label_set(args)
     splits = assign_splits(find_records(args, label_set), args, seed)
     ordered = [r for name in SPLITS for r in splits[name]]
     result = validate_records(ordered, label_set, args.on_bad_sample, args.num_workers, args.describe_source())
@@ -68,7 +82,7 @@ def load_segmentation_dataset(
     ``split_by``, ``seed``). Rows decode lazily; see the `roadseg_utils.data` docstring for adding transforms.
     """
     import datasets
-    label_set = label_set or get_label_set(args.label_set)
+    label_set = label_set or source_label_set(args)
     kind = args.source_kind()
     if kind == "pickle":
         splits = load_pickle_splits(args, label_set, seed)

@@ -8,12 +8,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from transformers.utils import logging
 
 from ..cli import one_line
 from ..labels import LabelSet
-from .arguments import SPLIT_ALIASES, SPLITS, DataSourceArguments
+from .arguments import ID2LABEL_FILE, LABEL_COLUMN_CANDIDATES, SPLIT_ALIASES, SPLITS, DataSourceArguments
 from .decoding import label_level
 from .errors import DataError, EmptyDatasetError, HubDatasetUnavailableError
 from .lazy_dataset import SampleDecoder
@@ -30,6 +31,38 @@ _HUB_ERRORS = (ConnectionError, TimeoutError, OfflineModeIsEnabled, LocalEntryNo
 
 def _looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def shipped_id2label_file(args: DataSourceArguments) -> Path | None:
+    """The id2label.json a Hugging Face dataset ships (in its folder, or in its Hub repository), or None."""
+    name = args.dataset_name
+    if name is None:
+        return None
+    local = Path(name).expanduser()
+    if local.is_dir():
+        shipped = local / ID2LABEL_FILE
+        return shipped if shipped.is_file() else None
+    if local.exists() or _looks_like_local_path(name):
+        return None
+    try:
+        return Path(hf_hub_download(name, ID2LABEL_FILE, repo_type="dataset"))
+    except (*_HUB_ERRORS, EntryNotFoundError, ValueError) as err:
+        # Most datasets ship no such file; and offline, loading the dataset itself reports the problem.
+        logger.info(f"{name}: no {ID2LABEL_FILE} read from the Hub ({one_line(err)}), so the default label set is used")
+        return None
+
+
+def _label_column(dataset: datasets.Dataset, args: DataSourceArguments) -> str | None:
+    """--label_column, else the first usual label column holding label maps (not class ids or numbers)."""
+    import datasets
+    if args.label_column is not None:
+        return args.label_column if args.label_column in dataset.column_names else None
+    for name in LABEL_COLUMN_CANDIDATES:
+        if name in dataset.column_names and not isinstance(
+            dataset.features[name], (datasets.ClassLabel, datasets.Value)
+        ):
+            return name
+    return None
 
 
 def _load_hf_source(args: DataSourceArguments) -> dict[str, datasets.Dataset]:
@@ -85,23 +118,28 @@ def _prepare_hf_split(
     columns = dataset.column_names
     if args.image_column not in columns:
         raise DataError(f"{source}: no image column {args.image_column!r}; columns are {columns} (set --image_column)")
-    if args.label_column not in columns:
+    label_column = _label_column(dataset, args)
+    if label_column is None:
+        wanted = (repr(args.label_column) if args.label_column
+                  else "of label maps (looked for " + ", ".join(LABEL_COLUMN_CANDIDATES) + ")")
         if split != "train":
-            logger.warning(f"{source}: no label column {args.label_column!r}, so the split is left out")
+            logger.warning(f"{source}: no label column {wanted}, so the split is left out")
             return None
-        raise DataError(f"{source}: no label column {args.label_column!r}; columns are {columns} (set --label_column)")
-    if split != "train" and dataset.with_format("arrow")[args.label_column].null_count == len(dataset):
+        raise DataError(f"{source}: no label column {wanted}; columns are {columns} (set --label_column)")
+    if args.label_column is None and label_column != "label":
+        logger.info(f"{source}: label maps read from column {label_column!r} (--label_column picks another)")
+    if split != "train" and dataset.with_format("arrow")[label_column].null_count == len(dataset):
         logger.warning(f"{source}: every label is empty, so the split is left out")
         return None
-    label_feature = dataset.features[args.label_column]
+    label_feature = dataset.features[label_column]
     if isinstance(label_feature, (datasets.ClassLabel, datasets.Value)):
         raise DataError(
-            f"{source}: label column {args.label_column!r} holds {label_feature}, not segmentation maps "
+            f"{source}: label column {label_column!r} holds {label_feature}, not segmentation maps "
             "(set --label_column to the mask column)"
         )
-    extra = [c for c in ("path", "sequence") if c in columns and c not in (args.image_column, args.label_column)]
-    dataset = dataset.select_columns([args.image_column, args.label_column, *extra])
-    renames = {old: new for old, new in ((args.image_column, "image"), (args.label_column, "label")) if old != new}
+    extra = [c for c in ("path", "sequence") if c in columns and c not in (args.image_column, label_column)]
+    dataset = dataset.select_columns([args.image_column, label_column, *extra])
+    renames = {old: new for old, new in ((args.image_column, "image"), (label_column, "label")) if old != new}
     if renames:
         dataset = dataset.rename_columns(renames)
     for column in ("image", "label"):
