@@ -45,27 +45,29 @@ from transformers.trainer_utils import IntervalStrategy
 from transformers.utils import logging as hf_logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
-from roadseg_utils.card import strip_prefix
 from roadseg_utils.checkpoints import checkpoint_folders, checkpoint_to_resume, remove_stale_staging
 from roadseg_utils.cli import CommandLineError, OneLineParser, one_line, parse_script_arguments, parse_size
 from roadseg_utils.cli import fail as fail_with
 from roadseg_utils.data import (
+    SPLITS,
     BadSampleGuard,
     DataError,
     DataSourceArguments,
     load_segmentation_dataset,
+    source_label_set,
+    subsample,
     with_sample_transform,
 )
 from roadseg_utils.finetune_outputs import run_identity, write_outputs
 from roadseg_utils.freezing import FROZEN_PARTS
 from roadseg_utils.hub import HubPublishError, require_hub
-from roadseg_utils.labels import get_label_set
 from roadseg_utils.modeling import DEFAULT_CHECKPOINT, TINY_MODEL, ModelLoadError, load_image_processor, load_model
 from roadseg_utils.output_dir import (
     IncompleteMarker,
     OutputDirError,
     OutputLock,
     claim_output_dir,
+    earlier_outputs,
     prepare_output_dir,
 )
 from roadseg_utils.selection import select_training_rows
@@ -119,6 +121,15 @@ class DataTrainingArguments(DataSourceArguments):
     min_scale: float = field(default=0.5, metadata={"help": "Smallest scale-jitter factor (1 = image just covers "
                                                             "the crop)."})
     max_scale: float = field(default=2.0, metadata={"help": "Largest scale-jitter factor."})
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on at most this many images of the train split (a seeded subset, taken after "
+                  "--selection_manifest), for quick runs or debugging."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on at most this many images of the validation split (a seeded subset)."},
+    )
     eval_shortest_edge: int | None = field(
         default=None,
         metadata={"help": "Shortest edge of images fed to the model in evaluation and by the saved image processor "
@@ -136,6 +147,9 @@ class DataTrainingArguments(DataSourceArguments):
                              f"and {self.max_scale}")
         if self.selection_manifest is not None and not os.path.isfile(self.selection_manifest):
             raise ValueError(f"--selection_manifest {self.selection_manifest}: no such file")
+        for option in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, option) is not None and getattr(self, option) < 1:
+                raise ValueError(f"--{option} must be at least 1, got {getattr(self, option)}")
         if self.eval_shortest_edge is not None and self.eval_shortest_edge < 0:
             raise ValueError(f"eval_shortest_edge must be >= 0, got {self.eval_shortest_edge}")
 
@@ -266,6 +280,27 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
+def process_summary(training_args: TrainingArguments) -> str:
+    """The HF examples' per-process line: rank, device, GPUs, whether distributed, 16-bit mode."""
+    precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no"
+    return (
+        f"Process rank: {training_args.process_index} of {training_args.world_size} (local rank "
+        f"{training_args.local_rank}), device: {training_args.device}, n_gpu: {training_args.n_gpu}, distributed "
+        f"training: {training_args.parallel_mode.value == 'distributed'}, 16-bit training: {precision}"
+    )
+
+
+def warn_if_reused(output_dir: Path, overwrite: bool) -> None:
+    """Say so when training starts from scratch in a folder that already holds files but no checkpoint."""
+    earlier = earlier_outputs(output_dir)
+    if earlier and not overwrite:
+        shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        logger.warning(
+            f"--output_dir {output_dir} already holds {shown}, but no checkpoint to resume from: training starts "
+            "from step 0 and replaces the files of the same names (another --output_dir keeps them)"
+        )
+
+
 def fail(message: str) -> NoReturn:
     """Print one error line and exit with status 1."""
     fail_with(SCRIPT, message)
@@ -278,6 +313,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     except CommandLineError as err:
         fail(str(err))
     setup_logging(training_args)
+    # A warning, so every process prints its own line (the others log warnings and errors only).
+    logger.warning(process_summary(training_args))
     logger.info(f"Training/evaluation parameters {training_args}")
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -292,6 +329,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             checkpoint = checkpoint_to_resume(training_args)
         except (OutputDirError, CommandLineError) as err:
             fail(str(err))
+        if training_args.process_index == 0 and checkpoint is None and training_args.do_train:
+            warn_if_reused(output_dir, training_args.overwrite_output_dir)
         trainer, results = finetune(model_args, data_args, training_args, output_dir, checkpoint, callbacks)
         if training_args.push_to_hub:
             try:
@@ -313,7 +352,7 @@ def finetune(
     try:
         if training_args.push_to_hub:
             require_hub("--push_to_hub")
-        label_set = get_label_set(data_args.label_set)
+        label_set = source_label_set(data_args)
         model = load_model(
             model_args.model_name_or_path, label_set, model_args.model_revision, model_args.token, model_args.cache_dir
         )
@@ -327,6 +366,9 @@ def finetune(
             train_rows, selection = select_training_rows(
                 train_rows, [splits["validation"], splits["test"]], data_args.selection_manifest, label_set
             )
+        seed = training_args.seed
+        train_rows = at_most(train_rows, data_args.max_train_samples, seed, "train")
+        splits["validation"] = at_most(splits["validation"], data_args.max_eval_samples, seed, "validation")
     except (ModelLoadError, HubPublishError, DataError, ValueError, OSError) as err:
         fail(one_line(err))
     if training_args.do_train and len(train_rows) == 0:
@@ -367,10 +409,12 @@ def finetune(
         except (HfHubHTTPError, OSError, ValueError) as err:
             fail(f"cannot set up training: {one_line(err)}")
         try:
-            results, evaluated, confusions = train_and_evaluate(trainer, training_args, sets, checkpoint)
+            stage_metrics, confusions = train_and_evaluate(trainer, training_args, sets, checkpoint)
+            results = {key: value for metrics in stage_metrics.values() for key, value in metrics.items()}
+            results.update(peak_memory_metrics())
             if trainer.is_world_process_zero():
                 write_outputs(trainer, model_args, data_args, training_args, output_dir, label_set, splits,
-                              train_rows, selection, results, evaluated, confusions)
+                              train_rows, selection, stage_metrics, results, confusions)
         except DataError as err:
             fail(one_line(err))
         except OSError as err:
@@ -378,6 +422,15 @@ def finetune(
         except KeyboardInterrupt:
             fail("interrupted; rerun the same command to resume from the last complete checkpoint")
     return trainer, results
+
+
+def at_most(rows: Any, max_rows: int | None, seed: int, split: str) -> Any:
+    """A seeded subset of ``max_rows`` of a split's ``rows`` (all of them when there are no more), logged."""
+    keep = subsample(len(rows), max_rows, seed, SPLITS.index(split))
+    if keep is None:
+        return rows
+    logger.info(f"{split} split: a seeded subset of {len(keep)} of its {len(rows)} images")
+    return rows.select(keep)
 
 
 def guarded_datasets(
@@ -412,9 +465,10 @@ def train_and_evaluate(
     training_args: FinetuneTrainingArguments,
     sets: Mapping[str, Any],
     checkpoint: str | None,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Train (resuming from ``checkpoint``) and score; the results, and the scores and confusions per split."""
-    results: dict[str, Any] = {}
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Train (resuming from ``checkpoint``) and score; the metrics per stage (train, eval, test) and the confusions."""
+    stage_metrics: dict[str, dict[str, Any]] = {}
+    confusions: dict[str, Any] = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         # _internal_call: with --push_to_hub, save_model would push a "Model save" commit without metrics or card.
@@ -423,24 +477,20 @@ def train_and_evaluate(
         train_metrics.update({f"train_{key}": value for key, value in peak_memory_metrics().items()})
         trainer.log_metrics("train", train_metrics)
         trainer.save_state()
-        results.update(train_metrics)
-    evaluated, confusions = {}, {}
+        stage_metrics["train"] = train_metrics
     if training_args.do_eval:
         metrics = final_evaluation_from_training(trainer) or trainer.evaluate(
             eval_dataset=sets["validation"], metric_key_prefix="eval"
         )
         trainer.log_metrics("eval", metrics)
-        results.update(metrics)
-        evaluated["validation"] = strip_prefix(metrics, "eval")
+        stage_metrics["eval"] = metrics
         confusions["validation"] = (trainer.compute_metrics.last_results, trainer.compute_metrics.last_confusion)
     if training_args.do_predict and len(sets["test"]):
         metrics = trainer.evaluate(eval_dataset=sets["test"], metric_key_prefix="test")
         trainer.log_metrics("test", metrics)
-        results.update(metrics)
-        evaluated["test"] = strip_prefix(metrics, "test")
+        stage_metrics["test"] = metrics
         confusions["test"] = (trainer.compute_metrics.last_results, trainer.compute_metrics.last_confusion)
-    results.update(peak_memory_metrics())
-    return results, evaluated, confusions
+    return stage_metrics, confusions
 
 
 if __name__ == "__main__":

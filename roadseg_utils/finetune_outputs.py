@@ -1,4 +1,4 @@
-"""What a fine-tuning run writes besides the model: all_results.json, data_splits.json, plots, the model card.
+"""What a fine-tuning run writes besides the model: the *_results.json files, data_splits.json, plots, the card.
 
 Also the identity a run claims its output folder with (`run_identity`): the data, splits, labels and model its
 outputs depend on, so a rerun with other inputs neither resumes from nor mixes with them.
@@ -16,7 +16,7 @@ import numpy as np
 from transformers import TrainingArguments
 
 from .atomic import write_text_atomically
-from .card import FinetuneCardInfo, training_hyperparameters, write_finetune_card
+from .card import FinetuneCardInfo, strip_prefix, training_hyperparameters, write_finetune_card
 from .data import SPLITS, dataset_column, paths_fingerprint
 from .evaluation import json_safe
 from .freezing import FROZEN_PARTS
@@ -47,6 +47,11 @@ def run_identity(
     }
 
 
+def write_metrics(path: Path, metrics: Mapping[str, Any]) -> None:
+    """One results file, laid out as `Trainer.save_metrics` writes it, atomically."""
+    write_text_atomically(path, json.dumps(json_safe(metrics), indent=4, sort_keys=True) + "\n")
+
+
 def save_split_plots(
     output_dir: Path, split: str, scores: Mapping[str, Any], confusion: np.ndarray, label_set: LabelSet
 ) -> list[str]:
@@ -66,12 +71,18 @@ def write_outputs(
     splits: Mapping[str, Any],
     train_rows: Any,
     selection: Any,
+    stage_metrics: Mapping[str, Mapping[str, Any]],
     results: Mapping[str, Any],
-    evaluated: Mapping[str, Any],
     confusions: Mapping[str, Any],
 ) -> None:
-    """all_results.json, data_splits.json, the plots and the model card (main process)."""
-    write_text_atomically(output_dir / RESULTS_FILE, json.dumps(json_safe(results), indent=2) + "\n")
+    """The results files, data_splits.json, the plots and the model card (main process).
+
+    As `Trainer.save_metrics` names them: ``train_results.json``, ``eval_results.json`` (validation) and
+    ``test_results.json`` with each stage's metrics, and ``all_results.json`` with all of them and the peak memory.
+    """
+    for stage, metrics in stage_metrics.items():
+        write_metrics(output_dir / f"{stage}_results.json", metrics)
+    write_metrics(output_dir / RESULTS_FILE, results)
     split_paths = {name: sorted(str(p) for p in dataset_column(splits[name], "path")) for name in SPLITS}
     split_record = {
         "seed": training_args.seed,
@@ -112,7 +123,8 @@ def write_outputs(
         },
         frozen_modules=[FROZEN_PARTS[part] for part in model_args.frozen_parts],
         parameter_counts=trainer.parameter_counts,
-        metrics=evaluated,
+        metrics={split: strip_prefix(stage_metrics[stage], stage)
+                 for split, stage in (("validation", "eval"), ("test", "test")) if stage in stage_metrics},
         plots=plots,
     )
     trainer.card_writer = lambda folder: write_finetune_card(folder, card)

@@ -112,6 +112,11 @@ class IncompleteMarker:
             self.path.unlink(missing_ok=True)
 
 
+def earlier_outputs(folder: str | os.PathLike[str]) -> list[str]:
+    """The sorted names in ``folder`` other than the lock file: what earlier runs or the user left there."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.name != LOCK_FILE)
+
+
 def is_incomplete(folder: str | os.PathLike[str]) -> bool:
     """Whether a run that was writing into ``folder`` stopped before it completed."""
     return (Path(folder) / INCOMPLETE_FILE).exists()

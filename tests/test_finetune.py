@@ -218,6 +218,40 @@ def test_no_logger_by_default_and_tensorboard_writes_events(scenes, tmp_path, mo
     assert not (tmp_path / "no-tb").exists()
 
 
+def test_hf_example_conventions_results_files_sample_caps_process_line_and_reuse_message(scenes, tmp_path, caplog):
+    output_dir = tmp_path / "ft"
+    common = ("--max_steps", "2", "--crop_size", "64x128", "--eval_strategy", "no", "--save_strategy", "no",
+              "--max_train_samples", "5", "--max_eval_samples", "3")
+    with caplog.at_level("INFO", logger="run_finetune"):
+        results = finetune(scenes, output_dir, *common)
+
+    # One file per stage, as Trainer.save_metrics writes them, and all of them in all_results.json.
+    stages = {stage: json.loads((output_dir / f"{stage}_results.json").read_text())
+              for stage in ("train", "eval", "test")}
+    assert stages["train"]["train_samples"] == 5 and "train_runtime" in stages["train"]
+    assert stages["eval"]["eval_num_images"] == 3 and all(key.startswith("eval_") or key == "epoch"
+                                                           for key in stages["eval"])
+    assert stages["test"]["test_num_images"] == 4
+    every = json.loads((output_dir / "all_results.json").read_text())
+    for metrics in stages.values():
+        assert all(every[key] == pytest.approx(value) or value is None for key, value in metrics.items())
+    assert every["test_mean_iou"] == pytest.approx(results["test_mean_iou"])
+    splits = json.loads((output_dir / "data_splits.json").read_text())
+    assert splits["trained_on"] == 5 and len(splits["paths"]["validation"]) == 3
+
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Process rank: 0 of 1")]
+    assert summary == ["Process rank: 0 of 1 (local rank -1), device: cpu, n_gpu: 0, distributed training: False, "
+                       "16-bit training: no"]
+    assert "already holds" not in caplog.text
+
+    # A rerun in the folder, which has no checkpoint (--save_strategy no), says that it starts over.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="run_finetune"):
+        finetune(scenes, output_dir, *common)
+    reused = [r.getMessage() for r in caplog.records if "already holds" in r.getMessage()]
+    assert len(reused) == 1 and "all_results.json" in reused[0] and "no checkpoint to resume from" in reused[0]
+
+
 def test_hf_dataset_with_its_own_id2label_names_classes_in_card_and_eval_report(tmp_path):
     import datasets
 
