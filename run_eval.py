@@ -5,11 +5,11 @@
     python run_eval.py eval_args.json
     accelerate launch run_eval.py --model_name_or_path runs/ft --data_dir data/syn --output_dir runs/ev
 
-Predictions are scored at the original size of each ground-truth map: mask logits are upsampled straight to that
-size (or to ``--working_size`` and then resized with nearest neighbours), never through the fixed 384x384 step of
-the upstream ``post_process_semantic_segmentation``. Under ``accelerate launch`` every process scores its own
-shard of the split (no sample twice), the confusion matrices are summed across processes, and only the main
-process writes files.
+Predictions are scored at the original size of each ground-truth map, by the rule every scoring path shares
+(roadseg_utils.inference): the saved image processor makes the inputs and upstream's semantic post-processing the
+label maps, so the scores equal the model card's and ``pipeline()``'s. Under ``accelerate launch`` every process
+scores its own shard of the split (no sample twice), the confusion matrices are summed across processes, and only
+the main process writes files.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from roadseg_utils.modeling import (
     processor_shortest_edge,
 )
 from roadseg_utils.output_dir import OutputDirError, prepare_output_dir
-from roadseg_utils.transforms import build_eval_transforms, make_transform_fn
+from roadseg_utils.transforms import make_eval_transform
 
 logger = logging.get_logger("run_eval")
 SCRIPT = "run_eval.py"
@@ -273,11 +273,15 @@ def score_split(
     name = eval_args.model_name_or_path
     label_set, model = choose_label_set(eval_args, data_args)
     lookup, export_level = export_lookup(label_set, eval_args.export_level)
-    processor = load_image_processor(name)
+    # The saved image processor makes the inputs, as in training-time evaluation and pipeline(); only its size may
+    # be overridden.
     if eval_args.eval_shortest_edge is None:
-        eval_shortest_edge = processor_shortest_edge(processor)
+        processor = load_image_processor(name)
+    elif eval_args.eval_shortest_edge:
+        processor = load_image_processor(name, shortest_edge=eval_args.eval_shortest_edge, do_resize=True)
     else:
-        eval_shortest_edge = eval_args.eval_shortest_edge or None
+        processor = load_image_processor(name, do_resize=False)
+    eval_shortest_edge = processor_shortest_edge(processor) if processor.do_resize else None
 
     # The split, and which of its images get an overlay or an exported prediction.
     splits = load_segmentation_dataset(data_args, label_set, eval_args.seed)
@@ -297,7 +301,7 @@ def score_split(
                 f"{eval_shortest_edge or 'original'}, TTA {eval_args.tta}, {accelerator.num_processes} process(es) "
                 f"on {accelerator.device}")
 
-    transform = make_transform_fn(build_eval_transforms(eval_shortest_edge, processor.image_mean, processor.image_std))
+    transform = make_eval_transform(processor)
     scores = score_shards(
         model, with_sample_transform(dataset, transform), accelerator,
         num_labels=label_set.num_labels,
@@ -305,7 +309,6 @@ def score_split(
         source=data_args.describe_source(),
         batch_size=eval_args.batch_size,
         num_workers=eval_args.dataloader_num_workers,
-        size_divisor=getattr(processor, "size_divisor", None) or 32,
         tta=eval_args.tta,
         working_size=eval_args.working_size,
         overlays=set(overlays),

@@ -77,7 +77,7 @@ from roadseg_utils.trainer import (
     final_evaluation_from_training,
     peak_memory_metrics,
 )
-from roadseg_utils.transforms import build_eval_transforms, build_train_transforms, make_transform_fn
+from roadseg_utils.transforms import build_train_transforms, make_eval_transform, make_transform_fn
 
 logger = hf_logging.get_logger(__name__)
 
@@ -449,7 +449,7 @@ def guarded_datasets(
     train_transform = build_train_transforms(
         data_args.crop, mean, std, scale_range=(data_args.min_scale, data_args.max_scale)
     )
-    eval_transform = make_transform_fn(build_eval_transforms(data_args.eval_edge, mean, std), keep_originals=True)
+    eval_transform = make_eval_transform(image_processor)
     policy, source = data_args.on_bad_sample, data_args.describe_source()
     train = with_sample_transform(train_rows, make_transform_fn(train_transform, keep_originals=False))
     guarded = {"train": EpochSeededDataset(BadSampleGuard(train, policy, substitute=True, source=source),

@@ -156,8 +156,7 @@ class SegmentationCollator:
     a None example (a dropped bad sample) becomes a placeholder, None in both lists (module docstring).
     ``mask_dtype`` is ``torch.bool`` (default) or ``torch.uint8``. With ``num_labels`` set, a label id outside
     0..num_labels-1 (other than ``ignore_index``) raises a ValueError naming the example, instead of failing later
-    inside the model's loss. ``size_divisor`` pads the batch's height and width up to a multiple of it (as padding,
-    like images smaller than the largest one).
+    inside the model's loss.
     """
 
     ignore_index: int = IGNORE_INDEX
@@ -165,22 +164,18 @@ class SegmentationCollator:
     num_labels: int | None = None
     # Inference needs no loss targets: without them ``mask_labels`` and ``class_labels`` are empty lists.
     with_targets: bool = True
-    size_divisor: int = 1
 
     def __post_init__(self) -> None:
         if self.mask_dtype not in (torch.bool, torch.uint8):
             raise ValueError(f"mask_dtype must be torch.bool or torch.uint8, got {self.mask_dtype}")
         if not 0 <= self.ignore_index < NUM_BINS:
             raise ValueError(f"ignore_index must lie in 0..255 for uint8 label maps, got {self.ignore_index}")
-        if self.size_divisor < 1:
-            raise ValueError(f"size_divisor must be at least 1, got {self.size_divisor}")
 
     def placeholders_for(self, examples: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
         """The examples with each None (a dropped bad sample) replaced by a placeholder that holds its place."""
         template = next((example for example in examples if example is not None), None)
         if template is None:
-            side = -(-PLACEHOLDER_SIZE // self.size_divisor) * self.size_divisor
-            shape, with_originals = (side, side), True
+            shape, with_originals = (PLACEHOLDER_SIZE, PLACEHOLDER_SIZE), True
         else:
             shape, with_originals = np.shape(template["label"]), "original_label" in template
         placeholder = {
@@ -194,7 +189,7 @@ class SegmentationCollator:
         return [placeholder if example is None else example for example in examples]
 
     def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
-        """Stack, pad to the largest example (and ``size_divisor``), and build per-image binary masks and class ids."""
+        """Stack, pad to the largest example, and build per-image binary masks and class ids."""
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         if any(example is None for example in examples):
@@ -214,8 +209,8 @@ class SegmentationCollator:
                 )
 
         batch_size = len(examples)
-        height = -(-max(label.shape[0] for label in labels) // self.size_divisor) * self.size_divisor
-        width = -(-max(label.shape[1] for label in labels) // self.size_divisor) * self.size_divisor
+        height = max(label.shape[0] for label in labels)
+        width = max(label.shape[1] for label in labels)
         # Fixed-size training crops never need padding here; evaluation images of different sizes do.
         needs_padding = any(label.shape != (height, width) for label in labels)
         image_classes = []

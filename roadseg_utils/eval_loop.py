@@ -71,7 +71,6 @@ def score_shards(
     source: str,
     batch_size: int,
     num_workers: int,
-    size_divisor: int,
     tta: str,
     working_size: int | None,
     overlays: set[int],
@@ -89,7 +88,7 @@ def score_shards(
         BadSampleGuard(dataset, on_bad_sample, substitute=False, source=source),
         batch_size=batch_size,
         sampler=positions,
-        collate_fn=DropSkipped(SegmentationCollator(with_targets=False, size_divisor=size_divisor)),
+        collate_fn=DropSkipped(SegmentationCollator(with_targets=False)),
         num_workers=num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )

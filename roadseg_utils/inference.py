@@ -1,8 +1,11 @@
 """Mask2Former outputs to semantic label maps at the ground-truth size, for training-time evaluation and run_eval.py.
 
-Mask logits are upsampled straight to each target size (or to a capped working size, then resized with nearest
-neighbours), never through the fixed 384x384 step of upstream ``post_process_semantic_segmentation``, which blurs
-thin classes at 1080p. The padding of a batch is cropped away first, using the valid size read from ``pixel_mask``.
+One rule for every path that scores a model: the rule of upstream ``post_process_semantic_segmentation``, which
+``pipeline("image-segmentation", subtask="semantic")`` applies. Mask logits go to 384x384 (bilinear), their
+sigmoids are weighted by the class probabilities, and the class scores go to the target size (bilinear) before the
+argmax; so a model scores the same here, in run_eval.py and through ``pipeline()``. A batch's padding is cropped
+away first (using the valid size read from ``pixel_mask``), so an image scores as it would alone. With a
+``working_size`` the scores are taken at a capped size and the label map is resized with nearest neighbours.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from accelerate import Accelerator
 
 TTA_CHOICES = ("none", "flip")
+# The fixed size upstream post-processing resizes mask logits to, whatever the input size.
+UPSTREAM_MASK_SIZE = (384, 384)
 
 
 def valid_sizes_of(pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
@@ -36,16 +41,13 @@ def working_target(target_size: tuple[int, int], working_size: int | None) -> tu
 def semantic_scores_for_image(
     class_queries_logits: torch.Tensor,
     masks_queries_logits: torch.Tensor,
-    target_size: tuple[int, int],
     valid_size: tuple[int, int] | None = None,
     input_size: tuple[int, int] | None = None,
-    query_chunk: int = 16,
 ) -> torch.Tensor:
-    """Class scores (C, H, W) of one image at ``target_size`` from its (Q, C+1) class and (Q, h, w) mask logits.
+    """Class scores (C, 384, 384) of one image from its (Q, C+1) class and (Q, h, w) mask logits, as upstream.
 
-    Mask logits are upsampled ``query_chunk`` queries at a time, so a 1080p map needs memory for the class scores,
-    not for every query at full size. ``input_size`` is the padded (H, W) fed to the model and ``valid_size`` the
-    unpadded part of the image in it; the padding is cropped away before the resize.
+    ``input_size`` is the padded (H, W) fed to the model and ``valid_size`` the unpadded part of the image in it;
+    the padding is cropped away before the resize.
     """
     class_probs = class_queries_logits.softmax(dim=-1)[..., :-1]
     mask_logits = masks_queries_logits
@@ -58,14 +60,31 @@ def semantic_scores_for_image(
         valid_h, valid_w = valid_size
         crop_h, crop_w = max(1, round(valid_h * scale_h)), max(1, round(valid_w * scale_w))
         mask_logits = mask_logits[:, :crop_h, :crop_w]
-    scores = None
-    for start in range(0, mask_logits.shape[0], query_chunk):
-        upsampled = torch.nn.functional.interpolate(
-            mask_logits[None, start : start + query_chunk], size=target_size, mode="bilinear", align_corners=False
-        )[0].sigmoid()
-        chunk_scores = torch.einsum("qc,qhw->chw", class_probs[start : start + query_chunk], upsampled)
-        scores = chunk_scores if scores is None else scores + chunk_scores
-    return scores
+    mask_probs = torch.nn.functional.interpolate(
+        mask_logits[None], size=UPSTREAM_MASK_SIZE, mode="bilinear", align_corners=False
+    )[0].sigmoid()
+    return torch.einsum("qc,qhw->chw", class_probs, mask_probs)
+
+
+def label_map_at(scores: torch.Tensor, target_size: tuple[int, int], class_chunk: int = 8) -> torch.Tensor:
+    """The argmax over classes of ``scores`` (C, h, w) resized bilinearly to ``target_size``, ``class_chunk`` at a time.
+
+    Resizing acts on each class alone, so a few classes at a time give the very values (and ties, first class
+    first) of resizing all at once, with memory for ``class_chunk`` full-size maps instead of C.
+    """
+    best_scores, best_classes = None, None
+    for start in range(0, scores.shape[0], class_chunk):
+        resized = torch.nn.functional.interpolate(
+            scores[None, start: start + class_chunk], size=target_size, mode="bilinear", align_corners=False
+        )[0]
+        chunk_best, chunk_classes = resized.max(dim=0)
+        if best_scores is None:
+            best_scores, best_classes = chunk_best, chunk_classes
+            continue
+        better = chunk_best > best_scores
+        best_scores = torch.where(better, chunk_best, best_scores)
+        best_classes = torch.where(better, chunk_classes + start, best_classes)
+    return best_classes
 
 
 def semantic_maps_from_outputs(
@@ -76,7 +95,6 @@ def semantic_maps_from_outputs(
     input_size: tuple[int, int] | None = None,
     working_size: int | None = None,
     mirrored: bool = False,
-    query_chunk: int = 16,
 ) -> list[torch.Tensor]:
     """Per-image label maps at ``target_sizes``; see :func:`semantic_scores_for_image` for the other arguments.
 
@@ -94,18 +112,17 @@ def semantic_maps_from_outputs(
     for index, target_size in enumerate(target_sizes):
         target_size = tuple(target_size)
         valid_size = None if valid_sizes is None else valid_sizes[index]
-        size = working_target(target_size, working_size)
         scores = semantic_scores_for_image(
-            class_queries_logits[index], masks_queries_logits[index], size, valid_size, input_size, query_chunk
+            class_queries_logits[index], masks_queries_logits[index], valid_size, input_size
         )
         if mirrored:
             # Mirroring the mirrored masks back puts the padding on the right again, where the crop expects it.
             mirror = num_images + index
             scores += semantic_scores_for_image(
-                class_queries_logits[mirror], masks_queries_logits[mirror].flip(-1), size, valid_size, input_size,
-                query_chunk,
+                class_queries_logits[mirror], masks_queries_logits[mirror].flip(-1), valid_size, input_size
             )
-        label_map = scores.argmax(dim=0).to(map_dtype)
+        size = working_target(target_size, working_size)
+        label_map = label_map_at(scores, size).to(map_dtype)
         if size != target_size:
             label_map = torch.nn.functional.interpolate(
                 label_map[None, None].float(), size=target_size, mode="nearest-exact"

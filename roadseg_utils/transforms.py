@@ -1,4 +1,5 @@
-"""Albumentations pipelines for training and evaluation, and the dataset transform that applies them.
+"""The training augmentations (albumentations), the evaluation inputs (the image processor), and the transforms
+that apply them to dataset rows.
 
 Every pipeline moves two maps with the image, stacked as the two channels of one uint8 mask: the label map
 (padding filled with 255 = ignore) and a validity map (1 = real pixel, padding filled with 0). Padding is
@@ -24,6 +25,7 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+from PIL import Image
 
 from .labels import IGNORE_INDEX
 
@@ -121,22 +123,6 @@ def build_train_transforms(
     )
 
 
-def build_eval_transforms(shortest_edge: int | None, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """Resize so the shortest edge is ``shortest_edge`` (aspect kept; original size when None), then normalise."""
-    mean, std = _check_mean_std(mean, std)
-    steps: list[A.BasicTransform] = []
-    if shortest_edge is not None:
-        if shortest_edge < 1:
-            raise ValueError(f"shortest_edge must be positive or None, got {shortest_edge}")
-        steps.append(
-            A.SmallestMaxSize(
-                max_size=int(shortest_edge), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST
-            )
-        )
-    steps.append(_normalize(mean, std))
-    return A.Compose(steps, seed=0)
-
-
 def _as_label_map(label: Any, image_shape: tuple[int, ...], source: str) -> np.ndarray:
     label = np.asarray(label)
     if label.ndim != 2:
@@ -150,17 +136,20 @@ def _as_label_map(label: Any, image_shape: tuple[int, ...], source: str) -> np.n
     return label
 
 
-@dataclass
-class SegmentationTransform:
+class ExampleTransform:
     """Batch transform for ``datasets.Dataset.with_transform``: image + label rows to model-ready examples.
 
     Output per example: ``pixel_values`` (float32, 3xHxW), ``label`` (uint8 HxW, 255 = ignore or padding),
     ``valid`` (uint8 HxW, 1 = real pixel), and unless ``keep_originals`` is False ``original_image`` (uint8 HxWx3)
     and ``original_label`` (the untouched map). Other columns (``path``, ``sequence`` ...) pass through.
+    Subclasses say how one image and its label map are prepared (`prepare`).
     """
 
-    transforms: A.Compose
-    keep_originals: bool = True
+    keep_originals: bool
+
+    def prepare(self, rgb: np.ndarray, label_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``pixel_values`` (3xHxW), label and validity map of one example."""
+        raise NotImplementedError
 
     def __call__(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """Transform a batch of dataset rows (a dict of columns)."""
@@ -179,18 +168,61 @@ class SegmentationTransform:
             if rgb.ndim != 3 or rgb.shape[2] != 3:
                 raise ValueError(f"{source}: image must be RGB (HxWx3), got shape {rgb.shape}")
             label_map = _as_label_map(label, rgb.shape, str(source))
-            stacked = np.dstack([label_map, np.ones_like(label_map)])
-            self.transforms.set_random_seed(int(np.random.randint(0, 2**31 - 1)))
-            transformed = self.transforms(image=rgb, mask=stacked)
-            outputs["pixel_values"].append(np.ascontiguousarray(transformed["image"].transpose(2, 0, 1)))
-            outputs["label"].append(np.ascontiguousarray(transformed["mask"][..., 0]))
-            outputs["valid"].append(np.ascontiguousarray(transformed["mask"][..., 1]))
+            pixel_values, prepared_label, valid = self.prepare(rgb, label_map)
+            outputs["pixel_values"].append(pixel_values)
+            outputs["label"].append(prepared_label)
+            outputs["valid"].append(valid)
             if self.keep_originals:
                 outputs["original_image"].append(rgb)
                 outputs["original_label"].append(label_map)
         return outputs
 
 
+@dataclass
+class SegmentationTransform(ExampleTransform):
+    """An albumentations pipeline applied to each example, reseeded per example (see the module docstring)."""
+
+    transforms: A.Compose
+    keep_originals: bool = True
+
+    def prepare(self, rgb: np.ndarray, label_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pipeline applied to the image and the stacked label and validity maps."""
+        stacked = np.dstack([label_map, np.ones_like(label_map)])
+        self.transforms.set_random_seed(int(np.random.randint(0, 2**31 - 1)))
+        transformed = self.transforms(image=rgb, mask=stacked)
+        return (
+            np.ascontiguousarray(transformed["image"].transpose(2, 0, 1)),
+            np.ascontiguousarray(transformed["mask"][..., 0]),
+            np.ascontiguousarray(transformed["mask"][..., 1]),
+        )
+
+
+@dataclass
+class ProcessorTransform(ExampleTransform):
+    """Evaluation inputs made by the image processor itself, so every scoring path sees what ``pipeline()`` sees.
+
+    The processor resizes (its shortest edge, each side rounded up to its ``size_divisor``) and normalises; the
+    label map follows with nearest neighbours, as the processor resizes segmentation maps. Scores are taken on the
+    original label maps, so the label at the input size serves only the evaluation loss.
+    """
+
+    image_processor: Any
+    keep_originals: bool = True
+
+    def prepare(self, rgb: np.ndarray, label_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The processor's ``pixel_values`` of the image, and the label map resized to match."""
+        pixel_values = self.image_processor(images=rgb, return_tensors="np")["pixel_values"][0].astype(np.float32)
+        height, width = pixel_values.shape[1:]
+        if (height, width) != label_map.shape:
+            label_map = np.asarray(Image.fromarray(label_map).resize((width, height), Image.NEAREST))
+        return np.ascontiguousarray(pixel_values), label_map, np.ones((height, width), dtype=np.uint8)
+
+
 def make_transform_fn(transforms: A.Compose, keep_originals: bool = True) -> SegmentationTransform:
     """Wrap a pipeline for ``Dataset.with_transform``/``set_transform`` (picklable, so spawned workers work)."""
     return SegmentationTransform(transforms=transforms, keep_originals=keep_originals)
+
+
+def make_eval_transform(image_processor: Any, keep_originals: bool = True) -> ProcessorTransform:
+    """The evaluation transform of every scoring path: the image processor's own resizing and normalisation."""
+    return ProcessorTransform(image_processor=image_processor, keep_originals=keep_originals)

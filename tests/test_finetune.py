@@ -139,16 +139,78 @@ def constant_prediction_miou(scenes: Path) -> float:
     return best
 
 
-def test_tiny_model_learns_beyond_a_constant_prediction(scenes, tmp_path):
-    baseline = constant_prediction_miou(scenes)
-    # Without scale jitter, evaluated at the training scale (90x160 frames cover a 64x128 crop at 72x128).
-    results = finetune(scenes, tmp_path / "learn", "--max_steps", "80", "--per_device_train_batch_size", "4",
+@pytest.fixture(scope="module")
+def learned(scenes, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny model trained for 80 steps on ``scenes`` (without scale jitter, evaluated at the training scale),
+    its output folder and results."""
+    output_dir = tmp_path_factory.mktemp("learned") / "ft"
+    # 90x160 frames cover a 64x128 crop at 72x128.
+    results = finetune(scenes, output_dir, "--max_steps", "80", "--per_device_train_batch_size", "4",
                        "--crop_size", "64x128", "--min_scale", "1", "--max_scale", "1", "--eval_shortest_edge", "72",
-                       "--learning_rate", "5e-3", "--eval_strategy", "no", "--save_strategy", "no",
-                       "--do_predict", "False", "--seed", "42")
+                       "--learning_rate", "5e-3", "--eval_strategy", "no", "--save_strategy", "no", "--seed", "42")
+    return output_dir, results
+
+
+def test_tiny_model_learns_beyond_a_constant_prediction(scenes, learned):
+    baseline = constant_prediction_miou(scenes)
+    _, results = learned
     assert 0 < baseline < 0.05
     assert results["eval_mean_iou"] > 3 * baseline
     assert results["eval_mean_iou"] > baseline + 0.04
+
+
+def miou_of_maps(predictions: dict[str, np.ndarray], references: dict[str, np.ndarray]) -> float:
+    """The mIoU of label maps keyed by image path, counted here from scratch."""
+    assert predictions.keys() == references.keys()
+    confusion = np.zeros((26, 26), dtype=np.int64)
+    for path, reference in references.items():
+        labelled = reference != IGNORE_INDEX
+        np.add.at(confusion, (reference[labelled].astype(int), predictions[path][labelled].astype(int)), 1)
+    return compute_segmentation_metrics(confusion)["mean_iou"]
+
+
+def test_card_results_run_eval_pipeline_and_exports_score_the_test_split_alike(scenes, learned, tmp_path):
+    import run_eval
+
+    output_dir, results = learned
+    test_rows = load_segmentation_dataset(
+        DataSourceArguments(data_dir=str(scenes), train_fraction=0.7, val_fraction=0.2, test_fraction=0.1),
+        idd_label_set(3), seed=42,
+    )["test"]
+    references = {row["path"]: np.asarray(row["label"]) for row in test_rows}
+    images = {row["path"]: row["image"] for row in test_rows}
+    assert len(references) == 4
+
+    card = ModelCard.load(output_dir / "README.md")
+    card_test = {r.metric_type: r.metric_value for r in card.data.eval_results if r.dataset_split == "test"}
+    written = json.loads((output_dir / "test_results.json").read_text())
+
+    evaluated = run_eval.main(["--model_name_or_path", str(output_dir), "--data_dir", str(scenes), *SPLIT_ARGS,
+                               "--output_dir", str(tmp_path / "ev"), "--export_predictions", str(tmp_path / "preds"),
+                               "--num_overlays", "0", "--dataloader_num_workers", "0", "--batch_size", "3"])
+
+    segmenter = pipeline("image-segmentation", model=str(output_dir))
+    label2id = segmenter.model.config.label2id
+    from_pipeline = {}
+    for path, image in images.items():
+        label_map = np.full(references[path].shape, 255, dtype=np.uint8)
+        for segment in segmenter(image, subtask="semantic"):
+            label_map[np.asarray(segment["mask"]) > 0] = label2id[segment["label"]]
+        from_pipeline[path] = label_map
+    exported = {
+        path: np.asarray(Image.open(next((tmp_path / "preds").rglob(Path(path).name.replace(
+            "_leftImg8bit.png", "_gtFine_labellevel3Ids.png")))))
+        for path in references
+    }
+
+    scores = {
+        "all_results.json": results["test_mean_iou"], "test_results.json": written["test_mean_iou"],
+        "model card": card_test["mean_iou"], "run_eval.py": evaluated["mean_iou"],
+        "pipeline()": miou_of_maps(from_pipeline, references), "exported PNGs": miou_of_maps(exported, references),
+    }
+    assert scores["run_eval.py"] > 0.05, scores  # a model that predicts more than one class
+    for way, score in scores.items():
+        assert score == pytest.approx(scores["all_results.json"], abs=1e-6), (way, scores)
 
 
 class StopAfterFirstSave(TrainerCallback):

@@ -120,22 +120,30 @@ def test_freeze_by_attribute_not_by_name(saved_tiny):
         freeze(partial, ("encoder",))
 
 
-def test_semantic_maps_match_upstream_at_its_working_size():
+def test_semantic_maps_are_upstream_post_processing_bitwise():
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 
-    from roadseg_utils.inference import semantic_maps_from_outputs
+    from roadseg_utils.inference import label_map_at, semantic_maps_from_outputs, semantic_scores_for_image
     from roadseg_utils.modeling import image_processor_class
 
     generator = torch.Generator().manual_seed(0)
     class_logits = torch.randn(2, 10, 6, generator=generator)
-    mask_logits = torch.randn(2, 10, 96, 96, generator=generator) * 4
+    mask_logits = torch.randn(2, 10, 96, 160, generator=generator) * 4
     outputs = Mask2FormerForUniversalSegmentationOutput(
         class_queries_logits=class_logits, masks_queries_logits=mask_logits
     )
-    upstream = image_processor_class()().post_process_semantic_segmentation(outputs, target_sizes=[(384, 384)] * 2)
-    ours = semantic_maps_from_outputs(class_logits, mask_logits, [(384, 384)] * 2, query_chunk=3)
+    # Non-square targets, one larger and one smaller than the 384x384 step: what pipeline() returns, exactly.
+    targets = [(720, 1280), (90, 160)]
+    upstream = image_processor_class()().post_process_semantic_segmentation(outputs, target_sizes=targets)
+    ours = semantic_maps_from_outputs(class_logits, mask_logits, targets)
     for a, b in zip(upstream, ours, strict=True):
         assert b.dtype == torch.uint8 and torch.equal(a, b.long())
+    # Resizing a few classes at a time gives the same maps, ties included.
+    scores = semantic_scores_for_image(class_logits[0], mask_logits[0])
+    scores[:, :50] = 0.25
+    whole = torch.nn.functional.interpolate(scores[None], size=(500, 700), mode="bilinear")[0].argmax(dim=0)
+    for class_chunk in (1, 2, 4, 5):
+        assert torch.equal(label_map_at(scores, (500, 700), class_chunk), whole), class_chunk
     # Class ids beyond 255 do not fit uint8: such maps stay int64.
     wide = semantic_maps_from_outputs(torch.randn(1, 4, 301, generator=generator), mask_logits[:1, :4], [(8, 8)])
     assert wide[0].dtype == torch.long

@@ -189,13 +189,12 @@ def test_only_model_keys_reach_forward_with_float_masks(tmp_path):
 
 def test_evaluation_scores_every_image_once_at_its_original_size(scenes, tmp_path):
     from roadseg_utils.data import DataSourceArguments, load_segmentation_dataset, with_sample_transform
-    from roadseg_utils.transforms import build_eval_transforms, make_transform_fn
+    from roadseg_utils.transforms import make_eval_transform
 
     splits = load_segmentation_dataset(DataSourceArguments(data_dir=str(scenes)), LABELS, seed=0)
     rows = splits["train"].select(range(5))
-    processor = load_image_processor("tiny")
-    # Shortest edge 48: the model sees 48x85 inputs, scores are taken on the 90x160 maps.
-    transform = make_transform_fn(build_eval_transforms(48, processor.image_mean, processor.image_std))
+    # Shortest edge 48: the model sees 64x96 inputs (sides rounded up to 32), scores are taken on the 90x160 maps.
+    transform = make_eval_transform(load_image_processor("tiny", shortest_edge=48))
     dataset = with_sample_transform(rows, transform)
     trainer = trainer_for(load_model("tiny", LABELS), tmp_path, per_device_eval_batch_size=2, batch_eval_metrics=True)
     metrics = trainer.evaluate(eval_dataset=dataset)

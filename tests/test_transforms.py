@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from roadseg_utils.transforms import build_eval_transforms, build_train_transforms, make_transform_fn
+from roadseg_utils.modeling import load_image_processor
+from roadseg_utils.transforms import build_train_transforms, make_eval_transform, make_transform_fn
 
 IDENTITY_MEAN = (0.0, 0.0, 0.0)
 IDENTITY_STD = (1.0, 1.0, 1.0)
@@ -120,21 +121,27 @@ def test_normalisation_uses_given_mean_and_std():
     image = Image.fromarray(np.broadcast_to(colour, (16, 24, 3)).copy())
     label = np.zeros((16, 24), dtype=np.uint8)
     expected = (colour / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    for transforms in (
-        build_eval_transforms(None, IMAGENET_MEAN, IMAGENET_STD),
-        build_train_transforms((16, 24), IMAGENET_MEAN, IMAGENET_STD, scale_range=(1.0, 1.0), color_jitter_prob=0.0),
+    processor = load_image_processor("tiny", do_resize=False, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    for transform_fn in (
+        make_eval_transform(processor),
+        make_transform_fn(build_train_transforms((16, 24), IMAGENET_MEAN, IMAGENET_STD, scale_range=(1.0, 1.0),
+                                                 color_jitter_prob=0.0)),
     ):
-        out = run(make_transform_fn(transforms), image, label)
+        out = run(transform_fn, image, label)
         expected_map = np.broadcast_to(expected[:, None, None], (3, 16, 24))
         np.testing.assert_allclose(out["pixel_values"], expected_map, atol=1e-5)
 
 
-def test_eval_transform_keeps_aspect_ratio_and_originals():
-    image, label = block_scene(60, 90, block=6, seed=4)
+def test_eval_transform_is_the_image_processor_and_keeps_originals():
+    image, label = block_scene(60, 100, block=5, seed=4)
     label_before = label.copy()
-    out = run(make_transform_fn(build_eval_transforms(40, IMAGENET_MEAN, IMAGENET_STD)), image, label)
-    assert out["pixel_values"].shape == (3, 40, 60)
-    assert out["label"].shape == out["valid"].shape == (40, 60)
+    processor = load_image_processor("tiny", shortest_edge=40)
+    out = run(make_eval_transform(processor), image, label)
+    # The processor's rule: shortest edge 40 (40x67), each side rounded up to its size divisor 32: 64x96.
+    expected = processor(images=np.asarray(image), return_tensors="np")["pixel_values"][0]
+    assert out["pixel_values"].shape == expected.shape == (3, 64, 96)
+    np.testing.assert_array_equal(out["pixel_values"], expected)
+    assert out["label"].shape == out["valid"].shape == (64, 96)
     assert out["valid"].all()
     assert set(np.unique(out["label"])) <= set(np.unique(label))
     np.testing.assert_array_equal(out["original_label"], label_before)
@@ -145,7 +152,7 @@ def test_eval_transform_keeps_aspect_ratio_and_originals():
 
 def test_eval_transform_without_resize_keeps_size():
     image, label = block_scene(37, 53, block=4, seed=5)
-    out = run(make_transform_fn(build_eval_transforms(None, IMAGENET_MEAN, IMAGENET_STD)), image, label)
+    out = run(make_eval_transform(load_image_processor("tiny", do_resize=False)), image, label)
     np.testing.assert_array_equal(out["label"], label)
     assert out["pixel_values"].shape == (3, 37, 53)
 
@@ -165,7 +172,7 @@ def test_augmentation_follows_numpy_seed_and_differs_between_worker_copies():
 
 def test_keep_originals_false_drops_them():
     image, label = block_scene(32, 32, block=8, seed=7)
-    transform_fn = make_transform_fn(build_eval_transforms(None, IMAGENET_MEAN, IMAGENET_STD), keep_originals=False)
+    transform_fn = make_eval_transform(load_image_processor("tiny", do_resize=False), keep_originals=False)
     out = run(transform_fn, image, label)
     assert "original_image" not in out and "original_label" not in out
 
@@ -189,7 +196,7 @@ def test_works_as_datasets_with_transform():
 
 def test_bad_inputs_raise_clear_errors():
     image, label = block_scene(32, 32, block=8, seed=8)
-    transform_fn = make_transform_fn(build_eval_transforms(None, IMAGENET_MEAN, IMAGENET_STD))
+    transform_fn = make_eval_transform(load_image_processor("tiny", do_resize=False))
     with pytest.raises(ValueError, match="broken.png.*differs from image size"):
         run(transform_fn, image, label[:16], path="broken.png")
     with pytest.raises(ValueError, match="rgb_label.png.*2-D"):
@@ -197,4 +204,4 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="0..255"):
         run(transform_fn, image, label.astype(np.int32) + 300)
     with pytest.raises(ValueError, match="0-1 scale"):
-        build_eval_transforms(None, (123.7, 116.3, 103.5), (58.4, 57.1, 57.4))
+        build_train_transforms((16, 16), (123.7, 116.3, 103.5), (58.4, 57.1, 57.4))
