@@ -248,16 +248,59 @@ def render_overlay(
     return canvas
 
 
-def confusion_matrix_figsize(num_labels: int) -> tuple[float, float]:
-    """Figure size in inches of :func:`plot_confusion_matrix` for ``num_labels`` classes."""
-    side = 3.0 + 0.32 * num_labels
+CELL_LABEL_MIN_SHARE = 0.005  # off-diagonal cells below this share of their row get no text (clutter)
+NAME_CHARS_IN_BASE_SIZE = 24  # class names up to this long fit the base figure size; longer ones widen it
+TITLE_WIDTH_SHARE = 0.94  # a title is wrapped to at most this share of the figure width
+
+
+def format_row_shares(shares: np.ndarray | float) -> np.ndarray:
+    """Row shares in [0, 1] as percent labels: '0' and '100' only when exact, else one decimal ('<0.1', '>99.9')."""
+    values = np.asarray(shares, dtype=np.float64)
+    if np.any((values < 0) | (values > 1)):  # NaN compares False, so empty rows pass
+        raise ValueError(f"row shares must lie in [0, 1], got values from {np.nanmin(values)} to {np.nanmax(values)}")
+    percent = np.round(100 * np.nan_to_num(values), 1)
+    labels = np.char.mod("%.1f", percent).astype(object)
+    # Rounding must not make a near-perfect cell read as perfect, nor a small confusion read as none.
+    labels[(percent >= 100) & (values < 1)] = ">99.9"
+    labels[(percent <= 0) & (values > 0)] = "<0.1"
+    labels[values == 1] = "100"
+    labels[values == 0] = "0"
+    labels[np.isnan(values)] = ""
+    return labels.astype(str)
+
+
+def confusion_matrix_figsize(num_labels: int, longest_name: int = 0) -> tuple[float, float]:
+    """Figure size in inches of :func:`plot_confusion_matrix` for ``num_labels`` classes and the longest name."""
+    # Names label both axes, so a name longer than the base size allows widens and heightens the figure alike; the
+    # 4-inch floor keeps the colour bar as tall as its label with one to three classes.
+    side = max(4.0, 3.0 + 0.32 * num_labels) + 0.08 * max(0, longest_name - NAME_CHARS_IN_BASE_SIZE)
     return side + 1.0, side
+
+
+def _set_fitting_title(figure: Any, title: str) -> None:
+    """Set ``title`` as the figure's title, wrapped onto more lines where it is wider than the figure."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # A figure title is centred on the figure, so fitting its width fits it; an axes title is centred on the axes,
+    # which the colour bar pushes off-centre.
+    text = figure.suptitle(title)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    room = TITLE_WIDTH_SHARE * figure.bbox.width
+    width = text.get_window_extent(renderer).width
+    chars = len(title)
+    # Each pass narrows the wrap width in proportion to the overshoot (glyph widths vary, hence the loop).
+    while width > room and chars > 8:
+        chars = max(8, min(chars - 1, int(chars * room / width)))
+        text.set_text("\n".join(textwrap.wrap(title, chars, break_on_hyphens=False)))
+        width = text.get_window_extent(renderer).width
 
 
 def plot_confusion_matrix(
     confusion: np.ndarray, class_names: Sequence[str], title: str | None = None, dpi: int = 100
 ) -> Any:
-    """Row-normalised confusion matrix (true x predicted) with class names on both axes; empty rows are grey."""
+    """Row-normalised confusion matrix (true x predicted, cells in % of the row); empty rows are grey."""
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -268,24 +311,30 @@ def plot_confusion_matrix(
     row_totals = counts.sum(axis=1, keepdims=True)
     shares = np.full_like(counts, np.nan)
     np.divide(counts, row_totals, out=shares, where=row_totals > 0)
-    figure = Figure(figsize=confusion_matrix_figsize(num_labels), dpi=dpi, layout="constrained")
+    longest_name = max((len(name) for name in class_names), default=0)
+    figure = Figure(figsize=confusion_matrix_figsize(num_labels, longest_name), dpi=dpi, layout="constrained")
     axes = figure.add_subplot()
     cmap = matplotlib.colormaps["Blues"].with_extremes(bad=(0.85, 0.85, 0.85))
-    shown = axes.imshow(np.ma.masked_invalid(shares), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    # aspect="auto": with a fixed aspect and a colour bar, constrained layout can leave the y-axis title outside
+    # the figure (26 IDD classes did); the figure size keeps the cells close to square instead.
+    shown = axes.imshow(np.ma.masked_invalid(100 * shares), cmap=cmap, vmin=0.0, vmax=100.0, interpolation="nearest",
+                        aspect="auto")
     ticks = np.arange(num_labels)
     axes.set_xticks(ticks, labels=class_names, rotation=90, fontsize=8)
     axes.set_yticks(ticks, labels=class_names, fontsize=8)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("ground-truth class")
     if title:
-        axes.set_title(title)
+        _set_fitting_title(figure, title)
     if num_labels <= 40:
-        rows, cols = np.nonzero(np.nan_to_num(shares) >= 0.005)
-        for row, col in zip(rows, cols, strict=True):
-            value = shares[row, col]
-            axes.text(col, row, f"{value:.2f}"[1:] if value < 1 else "1", ha="center", va="center", fontsize=6,
-                      color="white" if value > 0.6 else "black")
-    figure.colorbar(shown, ax=axes, fraction=0.04, label="share of the ground-truth row")
+        # The diagonal of every non-empty row is labelled, so a class never predicted right reads "0".
+        diagonal = np.eye(num_labels, dtype=bool) & ~np.isnan(shares)
+        labelled = (np.nan_to_num(shares) >= CELL_LABEL_MIN_SHARE) | diagonal
+        rows, cols = np.nonzero(labelled)
+        for row, col, label in zip(rows, cols, format_row_shares(shares[rows, cols]), strict=True):
+            axes.text(col, row, label, ha="center", va="center", fontsize=6,
+                      color="white" if shares[row, col] > 0.6 else "black")
+    figure.colorbar(shown, ax=axes, fraction=0.04, label="% of the ground-truth row")
     return figure
 
 
@@ -324,7 +373,7 @@ def plot_per_class_iou(
     axes.set_ylim(-0.7, num_labels - 0.3)
     axes.set_xlabel("IoU")
     if title:
-        axes.set_title(title)
+        _set_fitting_title(figure, title)
     return figure
 
 
