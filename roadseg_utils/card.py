@@ -38,6 +38,13 @@ MODEL_INDEX_METRICS = (
     ("mean_accuracy", "Mean class accuracy"),
     ("overall_accuracy", "Pixel accuracy"),
 )
+# run_eval.py --protocol idd: the IDD official protocol's mIoUs (levels 3, 2, 1 of its ``idd_protocol`` block) as
+# entries of their own, told apart from the native ones by their metric config (``idd-official-1280x720``).
+PROTOCOL_MODEL_INDEX_METRICS = (
+    ("level3", "mean_iou", "mIoU"),
+    ("level2", "mean_iou_level2", "mIoU level 2"),
+    ("level1", "mean_iou_level1", "mIoU level 1"),
+)
 CARD_HYPERPARAMETERS = (
     "learning_rate", "lr_scheduler_type", "optim", "weight_decay", "per_device_train_batch_size",
     "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_steps", "max_grad_norm", "seed",
@@ -56,7 +63,17 @@ def model_index_dataset_type(idd_level: int | None) -> str:
 def model_index_results(
     metrics: Mapping[str, Any], split: str, dataset_type: str, dataset_name: str, label_set_name: str
 ) -> list[EvalResult]:
-    """model-index entries (image-segmentation) for the finite `MODEL_INDEX_METRICS` of one split's ``metrics``."""
+    """model-index entries (image-segmentation) for the finite `MODEL_INDEX_METRICS` of one split's ``metrics``.
+
+    With an ``idd_protocol`` block (run_eval.py's results), also its finite official mIoUs
+    (`PROTOCOL_MODEL_INDEX_METRICS`), named after the protocol and its frame and set apart by their metric config.
+    """
+    entries = [(key, name, metrics.get(key), None) for key, name in MODEL_INDEX_METRICS]
+    protocol = metrics.get("idd_protocol")
+    if protocol:
+        frame = f"{protocol['frame']['width']}x{protocol['frame']['height']}"
+        entries += [(key, f"{name} (IDD official protocol, {frame})", protocol[level]["mean_iou"],
+                     f"idd-official-{frame}") for level, key, name in PROTOCOL_MODEL_INDEX_METRICS]
     return [
         EvalResult(
             task_type="image-segmentation",
@@ -67,19 +84,24 @@ def model_index_results(
             dataset_split=split,
             metric_type=key,
             metric_name=name,
-            metric_value=round(float(metrics[key]), 6),
+            metric_config=config,
+            metric_value=round(float(value), 6),
         )
-        for key, name in MODEL_INDEX_METRICS
-        if _finite(metrics.get(key))
+        for key, name, value, config in entries
+        if _finite(value)
     ]
 
 
 def _eval_result_key(result: EvalResult) -> tuple[str | None, ...]:
-    return (result.task_type, result.dataset_type, result.dataset_config, result.dataset_split, result.metric_type)
+    return (result.task_type, result.dataset_type, result.dataset_config, result.dataset_split, result.metric_type,
+            result.metric_config)
 
 
 def merge_eval_results(existing: Iterable[EvalResult], new: Iterable[EvalResult]) -> list[EvalResult]:
-    """``existing`` with every result for the same task, dataset, config, split and metric replaced by ``new``."""
+    """``existing`` with every result for the same task, dataset, config, split, metric and metric config replaced.
+
+    The metric config keeps a protocol's results (``idd-official-1280x720``) apart from the native ones.
+    """
     new = list(new)
     replaced = {_eval_result_key(result) for result in new}
     return [result for result in existing if _eval_result_key(result) not in replaced] + new

@@ -20,9 +20,10 @@ import numpy as np
 
 from .atomic import write_text_atomically
 from .data import dataset_column, idd_frame_name
-from .labels import IDD_LEVELS, LabelSet, custom_label_set, get_label_set, idd_label_set
+from .labels import IDD_LEVELS, LEVEL3_NAMES, LabelSet, custom_label_set, get_label_set, idd_label_set
 from .metrics import constant_prediction_mean_iou
 from .output_dir import RUN_FILE, IncompleteMarker, OutputDirError, OutputLock, prepare_output_dir
+from .protocol import frame_name
 from .visualize import render_overlay, save_png_atomically, save_score_charts
 
 OUTPUT_FILES = ("eval_results.json", "eval_report.md", "confusion_matrix.png", "per_class_iou.png")
@@ -72,6 +73,16 @@ def resolve_label_set(model_id2label: Mapping[Any, str], requested: str | None, 
         if class_names(candidate.id2label) == model_names:
             return candidate
     return custom_label_set(Path(model_name).name or model_name, dict(enumerate(model_names)))
+
+
+def check_protocol(protocol: str, label_set: LabelSet) -> None:
+    """Refuse ``--protocol idd`` for a model whose classes are not the 26 IDD level-3 classes, in their order."""
+    if protocol == "idd" and class_names(label_set.id2label) != list(LEVEL3_NAMES):
+        raise EvalInputError(
+            f"--protocol idd scores IDD level-3 models only (the official script reads *_gtFine_labellevel3Ids.png), "
+            f"but the model predicts {label_set.name} ({_describe(class_names(label_set.id2label))}); use "
+            "--protocol native"
+        )
 
 
 def overlay_indices(num_items: int, num_overlays: int) -> list[int]:
@@ -184,7 +195,64 @@ def render_report(results: Mapping[str, Any]) -> str:
         "it is left out of the means, while a class that is only predicted counts with IoU 0.",
         "",
     ]
+    if results.get("idd_protocol"):
+        lines += render_protocol_section(results["idd_protocol"])
     return "\n".join(lines)
+
+
+PROTOCOL_LEVELS = (
+    ("level3", "3"), ("level2", "2"), ("level1", "1"), ("level1_official_script", "1, as the official script folds it")
+)
+
+
+def render_protocol_section(block: Mapping[str, Any]) -> list[str]:
+    """eval_report.md's section on the IDD official (leaderboard) protocol: what it does, its mIoUs and level-3 IoUs."""
+    frame, resolution = frame_name(block["resolution"]), block["resolution"]
+    missing = block["level3"]["classes_without_pixels"]
+    lines = [
+        f"## IDD official protocol ({frame})",
+        "",
+        f"Scored as the AutoNUE benchmark's `evaluation/evaluate_mIoU.py --res {resolution}` scores: every prediction "
+        f"and ground-truth map is resized to {frame} (nearest neighbour) before counting, so every frame weighs the "
+        "same. The scores above count each frame at its own size instead (a 1920x1080 frame weighs 2.25 times a "
+        "1280x720 one), so the two differ on data with frames of several sizes.",
+        "",
+        "| level | official mIoU (%) | mIoU over classes present (%) |",
+        "| --- | ---: | ---: |",
+    ]
+    for key, name in PROTOCOL_LEVELS:
+        level = block[key]
+        lines.append(f"| {name} | {_percent(level['mean_iou'])} | {_percent(level['mean_iou_present_classes'])} |")
+    lines += [
+        "",
+        "The official mIoU is the plain mean over every class: one class with no pixel in either the ground truth or "
+        "the predictions makes it NaN (—)"
+        + (f"; here {len(missing)} level-3 class(es): {', '.join(missing)}" if missing else "")
+        + ". The last column leaves such classes out. Level 1 folds the classes by the official label table; the "
+        "official script folds the level-3 matrix with the level-1 -> level-2 groups, reading level-3 ids 0..15 as "
+        "level-2 ids (cars count as road-side objects, classes 16..25 are dropped), so its level-1 figure differs.",
+        "",
+        "| id | class | IoU (%), official protocol |",
+        "| ---: | --- | ---: |",
+    ]
+    for index, (name, iou) in enumerate(block["level3"]["per_class_iou"].items()):
+        lines.append(f"| {index} | {name} | {_percent(iou)} |")
+    return [*lines, ""]
+
+
+def protocol_summary(results: Mapping[str, Any]) -> str:
+    """One line of the IDD protocol's official mIoUs for the run's summary; empty without the protocol."""
+    block = results.get("idd_protocol")
+    if not block:
+        return ""
+    values = [block[key]["mean_iou"] for key in ("level3", "level2", "level1")]
+    shown = ["NaN" if value is None else f"{100 * value:.2f}%" for value in values]
+    present = block["level3"]["mean_iou_present_classes"]
+    if values[0] is None and present is not None:
+        shown[0] = f"NaN ({100 * present:.2f}% over the classes present)"
+    note = " (NaN: a class without pixels, see eval_report.md)" if None in values else ""
+    return (f"IDD official protocol ({frame_name(block['resolution'])}): mIoU {shown[0]}, level 2 {shown[1]}, "
+            f"level 1 {shown[2]}{note}\n")
 
 
 def write_outputs(

@@ -38,6 +38,7 @@ FINETUNE_ARGS = [
     "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--report_to", "none", "--seed", "11",
 ]
 EVAL_ARGS = [*SPLIT_ARGS, "--split", "validation", "--seed", "11", "--batch_size", "2", "--num_overlays", "2",
+             "--protocol", "idd", "--protocol_resolution", "240",
              "--dataloader_num_workers", "0"]
 
 
@@ -149,6 +150,7 @@ def test_run_eval_under_two_processes_equals_one_process(runs):
     assert two["labelled_pixels"] == one["labelled_pixels"] > 0
     assert two["confusion_matrix"] == one["confusion_matrix"]
     assert two["mean_iou"] == one["mean_iou"]
+    assert two["idd_protocol"] == one["idd_protocol"] and one["idd_protocol"]["resolution"] == 240
     written = sorted(p.relative_to(runs["root"] / "ev2").as_posix() for p in (runs["root"] / "ev2").rglob("*"))
     assert "eval_results.json" in written and not [name for name in written if name.endswith(".tmp")]
 
