@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.collator_vs_processor import compare_with_processor
-from benchmarks.timing import time_passes
+from benchmarks.timing import peak_mb, resident_mb, time_passes
 from roadseg_utils.cli import parse_size
 from roadseg_utils.collator import SegmentationCollator
 from roadseg_utils.data import DataSourceArguments, load_segmentation_dataset, with_sample_transform
@@ -60,21 +59,6 @@ def train_dataset(data_dir: str, crop: tuple[int, int], seed: int = 0) -> EpochS
     processor = load_image_processor(TINY_MODEL)
     transform = build_train_transforms(crop, processor.image_mean, processor.image_std)
     return EpochSeededDataset(with_sample_transform(rows, make_transform_fn(transform, keep_originals=False)), seed)
-
-
-def resident_mb() -> float:
-    """Current resident memory of this process in MiB (Linux), else the peak so far."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return peak_mb()
-
-
-def peak_mb() -> float:
-    """Peak resident memory of this process in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def build_model(model_name: str) -> Any:

@@ -1,12 +1,15 @@
-"""The one timer of the benchmarks: an optional warm-up, repeated timed passes, and their median, min and max."""
+"""The one timer of the benchmarks (an optional warm-up, repeated timed passes, their median, min and max), and
+the process memory readings they share."""
 
 from __future__ import annotations
 
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -14,6 +17,21 @@ def cpu_seconds() -> float:
     """User and system CPU seconds of this process and its finished children (worker pools included)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def resident_mb() -> float:
+    """Current resident memory of this process in MiB (Linux), else the peak so far."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return peak_mb()
+
+
+def peak_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 @dataclass
