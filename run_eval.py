@@ -33,6 +33,7 @@ from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
 # Importing roadseg_utils sets NO_ALBUMENTATIONS_UPDATE=1 before albumentations loads (else it asks PyPI for updates).
+from roadseg_utils.atomic import write_text_atomically
 from roadseg_utils.card import model_index_dataset_type, model_index_results, update_model_card_eval_results
 from roadseg_utils.cli import CommandLineError, fail, one_line, parse_script_arguments
 from roadseg_utils.data import (
@@ -50,14 +51,16 @@ from roadseg_utils.evaluation import (
     EvalInputError,
     StagedOutputs,
     build_results,
+    check_protocol,
     class_names,
     overlay_indices,
+    protocol_summary,
     resolve_label_set,
     write_outputs,
 )
-from roadseg_utils.export import StagedExport, export_lookup, export_paths
+from roadseg_utils.export import README_FILE, StagedExport, export_lookup, export_paths, export_readme
 from roadseg_utils.hub import HubPublishError, hub_is_reachable, push_files_to_hub
-from roadseg_utils.inference import TTA_CHOICES
+from roadseg_utils.inference import MAX_TTA_SCALES, TTA_CHOICES, parse_tta_scales
 from roadseg_utils.labels import IDD_LEVELS, LabelSet, LabelSetError, idd_level_of
 from roadseg_utils.metrics import compute_segmentation_metrics
 from roadseg_utils.modeling import (
@@ -69,6 +72,7 @@ from roadseg_utils.modeling import (
     processor_shortest_edge,
 )
 from roadseg_utils.output_dir import OutputDirError, prepare_output_dir
+from roadseg_utils.protocol import DEFAULT_RESOLUTION, PROTOCOL_CHOICES, PROTOCOL_FRAMES, protocol_results
 from roadseg_utils.transforms import make_eval_transform
 
 logger = logging.get_logger("run_eval")
@@ -106,6 +110,23 @@ class EvalArguments:
         default="none",
         metadata={"help": "Test-time augmentation: none, or flip (average class scores of the image and its "
                   "horizontal mirror).", "choices": list(TTA_CHOICES)},
+    )
+    tta_scales: str | None = field(
+        default=None,
+        metadata={"help": f"Multi-scale test-time augmentation: up to {MAX_TTA_SCALES} comma-separated factors of "
+                  "the input size, e.g. 0.5,0.75,1.0,1.25,1.5,1.75; class probabilities are averaged over the "
+                  "scales (and their mirrors with --tta flip). Default: the one input size."},
+    )
+    protocol: str = field(
+        default="native",
+        metadata={"help": "native: count every pixel at its original size. idd: also score as the IDD leaderboard "
+                  "(the official AutoNUE script) does, every frame resized to --protocol_resolution first; the "
+                  "native scores stay. IDD level-3 models only.", "choices": list(PROTOCOL_CHOICES)},
+    )
+    protocol_resolution: int = field(
+        default=DEFAULT_RESOLUTION,
+        metadata={"help": "The official script's --res for --protocol idd: 1080 (1920x1080), 720 (1280x720), 480 "
+                  "(858x480) or 240 (426x240).", "choices": sorted(PROTOCOL_FRAMES, reverse=True)},
     )
     num_overlays: int = field(
         default=8, metadata={"help": "Number of image | ground truth | prediction pictures written to overlays/."}
@@ -148,6 +169,11 @@ class EvalArguments:
         self.split = canonical
         if self.tta not in TTA_CHOICES:
             raise EvalInputError(f"--tta must be one of {', '.join(TTA_CHOICES)}, got {self.tta!r}")
+        try:
+            # The parsed factors (None: single scale); an argument file may also give a list of numbers.
+            self.scales = None if self.tta_scales is None else parse_tta_scales(self.tta_scales)
+        except ValueError as err:
+            raise EvalInputError(f"--tta_scales: {err}") from err
         for name in ("batch_size", "working_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -158,6 +184,11 @@ class EvalArguments:
                 raise EvalInputError(f"--{name} must not be negative, got {value}")
         if self.export_level is not None and self.export_level not in IDD_LEVELS:
             raise EvalInputError(f"--export_level must be one of {IDD_LEVELS}, got {self.export_level}")
+        if self.protocol not in PROTOCOL_CHOICES:
+            raise EvalInputError(f"--protocol must be one of {', '.join(PROTOCOL_CHOICES)}, got {self.protocol!r}")
+        if self.protocol_resolution not in PROTOCOL_FRAMES:
+            raise EvalInputError(f"--protocol_resolution must be one of {sorted(PROTOCOL_FRAMES, reverse=True)}, got "
+                                 f"{self.protocol_resolution!r}")
         if self.push_to_hub:
             self.update_model_card = True
         if self.update_model_card and self.model_name_or_path == TINY_MODEL:
@@ -241,6 +272,10 @@ def score_checkpoint(eval_args: EvalArguments, data_args: DataSourceArguments) -
             write_outputs(outputs.staging, scored.results, scored.matrix, scored.metrics, scored.label_set,
                           scored.dataset, overlay_indices(len(scored.dataset), eval_args.num_overlays),
                           scored.overlay_predictions)
+            if export:
+                write_text_atomically(export.folder / README_FILE, export_readme(
+                    export.target, scored.results["num_images"], scored.results["export_level"],
+                    eval_args.model_name_or_path, eval_args.split, data_args.describe_source()))
             outputs.commit(*([export.swap_in] if export else []))
             print_summary(scored.results, outputs.folder)
     if is_main and eval_args.update_model_card:
@@ -272,6 +307,7 @@ def score_split(
     """
     name = eval_args.model_name_or_path
     label_set, model = choose_label_set(eval_args, data_args)
+    check_protocol(eval_args.protocol, label_set)
     lookup, export_level = export_lookup(label_set, eval_args.export_level)
     # The saved image processor makes the inputs, as in training-time evaluation and pipeline(); only its size may
     # be overridden.
@@ -298,7 +334,8 @@ def score_split(
     overlays = overlay_indices(len(dataset), eval_args.num_overlays)
     logger.info(f"scoring {name} ({label_set.name}, {label_set.num_labels} classes) on {len(dataset)} "
                 f"{eval_args.split} images of {data_args.describe_source()}; eval shortest edge "
-                f"{eval_shortest_edge or 'original'}, TTA {eval_args.tta}, {accelerator.num_processes} process(es) "
+                f"{eval_shortest_edge or 'original'}, TTA {eval_args.tta} at scales {list(eval_args.scales or [1.0])}, "
+                f"{accelerator.num_processes} process(es) "
                 f"on {accelerator.device}")
 
     transform = make_eval_transform(processor)
@@ -311,9 +348,11 @@ def score_split(
         num_workers=eval_args.dataloader_num_workers,
         tta=eval_args.tta,
         working_size=eval_args.working_size,
+        tta_scales=eval_args.scales,
         overlays=set(overlays),
         export_targets=targets,
         export_lookup=lookup,
+        protocol_resolution=eval_args.protocol_resolution if eval_args.protocol == "idd" else None,
     )
     skipped, matrix = scores.skipped, scores.matrix
     if len(skipped) == len(dataset):
@@ -333,11 +372,15 @@ def score_split(
         "eval_shortest_edge": eval_shortest_edge,
         "working_size": eval_args.working_size,
         "tta": eval_args.tta,
+        "tta_scales": list(eval_args.scales) if eval_args.scales else None,
         "num_processes": accelerator.num_processes,
         "export_predictions": str(export.target) if export else None,
         "export_level": export_level if export else None,
     }
     results = build_results(matrix, metrics, label_set, run)
+    results["protocol"] = eval_args.protocol
+    if scores.protocol_matrix is not None:
+        results["idd_protocol"] = protocol_results(scores.protocol_matrix, eval_args.protocol_resolution)
     return ScoredSplit(results, matrix, metrics, label_set, dataset, scores.overlay_predictions)
 
 
@@ -348,7 +391,8 @@ def print_summary(results: Mapping[str, Any], output_dir: Path) -> None:
         f"{results['split']} mIoU {results['mean_iou']:.4f} on {results['num_images']} images"
         + (f" ({skipped} skipped as bad samples)" if skipped else "")
         + f" (best constant prediction: {results['constant_baseline_mean_iou']:.4f})\n"
-        f"results: {output_dir / 'eval_results.json'}, {output_dir / 'eval_report.md'}\n"
+        + protocol_summary(results)
+        + f"results: {output_dir / 'eval_results.json'}, {output_dir / 'eval_report.md'}\n"
         f"pictures: {output_dir / 'overlays'}/, {output_dir / 'confusion_matrix.png'}, "
         f"{output_dir / 'per_class_iou.png'}"
     )

@@ -25,6 +25,7 @@ from .confusion import StreamingConfusionMatrix, all_reduce_confusion
 from .data import BadSampleGuard
 from .export import write_prediction
 from .inference import predict_batch
+from .protocol import IddProtocolConfusion
 
 
 def shard_positions(num_items: int, num_processes: int, process_index: int) -> tuple[list[int], int]:
@@ -59,6 +60,7 @@ class ShardScores(NamedTuple):
     matrix: np.ndarray
     skipped: list[int]
     overlay_predictions: dict[int, np.ndarray]
+    protocol_matrix: np.ndarray | None = None  # the IDD official protocol's 27x27 matrix, when asked for
 
 
 def score_shards(
@@ -73,14 +75,18 @@ def score_shards(
     num_workers: int,
     tta: str,
     working_size: int | None,
+    tta_scales: tuple[float, ...] | None = None,
     overlays: set[int],
-    export_targets: Mapping[int, Path] | None = None,
+    export_targets: Mapping[int, tuple[Path, Path]] | None = None,
     export_lookup: np.ndarray | None = None,
+    protocol_resolution: int | None = None,
 ) -> ShardScores:
     """Predict and count this process's shard of a transformed split; the main process writes the exports.
 
-    ``overlays`` are the split indices whose predictions come back for pictures; with ``export_targets`` every
-    prediction is written (through ``export_lookup``) by a small thread pool while the model runs.
+    ``overlays`` are the split indices whose predictions come back for pictures; with ``export_targets`` (per
+    index, the prediction's and the ground truth's file) every prediction and the ground truth it was scored against
+    are written (through ``export_lookup``) by a small thread pool while the model runs. With
+    ``protocol_resolution`` (720, ...) the IDD official protocol's matrix is counted too (`protocol`).
     """
     is_main = accelerator.is_main_process
     positions, num_real = shard_positions(len(dataset), accelerator.num_processes, accelerator.process_index)
@@ -94,6 +100,8 @@ def score_shards(
     )
     model.to(accelerator.device).eval()
     confusion = StreamingConfusionMatrix(num_labels, device=accelerator.device)
+    # With a protocol resolution, the IDD official protocol's matrix is counted too, from the same maps.
+    protocol = IddProtocolConfusion(protocol_resolution) if protocol_resolution else None
     wanted = set(overlays) | (set(range(len(dataset))) if export_targets else set())
     overlay_predictions: dict[int, np.ndarray] = {}
     skipped: list[int] = []
@@ -108,24 +116,30 @@ def score_shards(
             real = [j for j, slot in enumerate(kept) if start + slot < num_real]
             predictions = []
             if batch is not None:
-                predictions = predict_batch(model, batch, accelerator, tta, working_size)
+                predictions = predict_batch(model, batch, accelerator, tta, working_size, tta_scales)
             if real:
                 confusion.update([predictions[j] for j in real],
                                  [batch["original_segmentation_maps"][j] for j in real])
-            found = [(positions[start + kept[j]], predictions[j].cpu().numpy()) for j in real
+                for j in real if protocol else ():
+                    protocol.update(predictions[j], batch["original_segmentation_maps"][j])
+            found = [(positions[start + kept[j]], predictions[j].cpu().numpy(),
+                      batch["original_segmentation_maps"][j] if export_targets else None) for j in real
                      if positions[start + kept[j]] in wanted]
             if wanted and accelerator.num_processes > 1:
                 found = gather_object(found)
             if not is_main:
                 continue
-            for index, prediction in found:
+            for index, prediction, reference in found:
                 if index in overlays:
                     overlay_predictions[index] = prediction
                 if export_targets:
-                    writes.append(writer.submit(write_prediction, prediction, export_lookup, export_targets[index]))
+                    prediction_file, reference_file = export_targets[index]
+                    writes.append(writer.submit(write_prediction, prediction, export_lookup, prediction_file))
+                    writes.append(writer.submit(write_prediction, np.asarray(reference), export_lookup, reference_file))
         for write in writes:
             write.result()
     if accelerator.num_processes > 1:
         skipped = gather_object(skipped)
     matrix = all_reduce_confusion(confusion.matrix_tensor, accelerator).cpu().numpy()
-    return ShardScores(matrix, sorted(skipped), overlay_predictions)
+    protocol_matrix = all_reduce_confusion(protocol.matrix, accelerator) if protocol else None
+    return ShardScores(matrix, sorted(skipped), overlay_predictions, protocol_matrix)

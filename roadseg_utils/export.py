@@ -1,5 +1,9 @@
 """Predictions written as IDD label files, `<sequence>/<frame>_gtFine_labellevel<N>Ids.png`, as IDD's tools read.
 
+Beside them, ``ground_truth/`` holds the ground truth of exactly the exported frames, under the same names (what
+the official script needs as ``--gts``: a split carved from train would otherwise leave it pointing at a gtFine
+folder with frames that have no prediction), and ``README.md`` the official command line for this export.
+
 The export is written into ``<name>.partial/predictions`` beside the ``--export_predictions`` folder and swapped in
 whole at the end (`StagedExport`), so until then an earlier export stays intact, and a reader never finds one that
 mixes two runs or lacks files yet looks complete. A killed run leaves only ``<name>.partial``, which the next run
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +31,9 @@ from .output_dir import OutputLock, prepare_output_dir
 
 EXPORT_FILE = re.compile(r"_gtFine_label(level\d)?Ids\.png$")
 PARTIAL_SUFFIX = ".partial"
+GROUND_TRUTH_DIR = "ground_truth"
+README_FILE = "README.md"
+OFFICIAL_SCRIPT = "https://github.com/AutoNUE/public-code"
 
 
 def export_suffix(level: int | None) -> str:
@@ -51,16 +59,48 @@ def export_lookup(label_set: LabelSet, export_level: int | None) -> tuple[np.nda
 
 def export_paths(
     export_dir: Path, paths: Sequence[str], sequences: Sequence[str], level: int | None
-) -> list[Path]:
-    """``<export_dir>/<sequence>/<frame><suffix>`` for every image; two images on one file is an error."""
-    targets = [export_dir / sequence / f"{idd_frame_name(path)}{export_suffix(level)}"
-               for path, sequence in zip(paths, sequences, strict=True)]
+) -> list[tuple[Path, Path]]:
+    """Per image, its prediction's file ``<export_dir>/<sequence>/<frame><suffix>`` and its ground truth's file
+    (the same under ``ground_truth/``); two images on one file is an error."""
+    targets = []
     seen: dict[Path, str] = {}
-    for target, path in zip(targets, paths, strict=True):
+    for path, sequence in zip(paths, sequences, strict=True):
+        if sequence == GROUND_TRUTH_DIR:
+            raise EvalInputError(f"{path}: its sequence folder {sequence!r} would collide with the exported ground "
+                                 "truth's folder")
+        relative = Path(sequence) / f"{idd_frame_name(path)}{export_suffix(level)}"
+        target = export_dir / relative
         if target in seen:
             raise EvalInputError(f"{seen[target]} and {path} would both be exported as {target}")
         seen[target] = path
+        targets.append((target, export_dir / GROUND_TRUTH_DIR / relative))
     return targets
+
+
+def export_readme(target: Path, num_frames: int, level: int | None, model: str, split: str, source: str) -> str:
+    """README.md of an export: what the files are, and the official script's command line for them."""
+    folder = target.expanduser().resolve()
+    suffix = export_suffix(level)
+    lines = [
+        f"# {num_frames} predictions of {model}", "",
+        f"Written by roadseg's run_eval.py for the {split} split of {source}.", "",
+        f"- `<sequence>/<frame>{suffix}`: the predicted label ids (uint8 PNG, the size of the original frame).",
+        f"- `{GROUND_TRUTH_DIR}/<sequence>/<frame>{suffix}`: the ground truth run_eval.py scored them against, for "
+        "exactly these frames (255 = ignored).", "",
+    ]
+    if level == 3:
+        lines += [
+            f"Score them with the official AutoNUE script ({OFFICIAL_SCRIPT}), from its checkout:", "",
+            f"    python evaluation/evaluate_mIoU.py --gts {shlex.quote(str(folder / GROUND_TRUTH_DIR))} "
+            f"--preds {shlex.quote(str(folder))} --num-workers 8", "",
+            "It resizes every frame to 1280x720 before counting (`--res 1080`, `480` or `240` for other sizes), as "
+            "`run_eval.py --protocol idd` does. Its level-1 figure applies the level-1 groups of level-2 ids to the "
+            "level-3 matrix, so it differs from roadseg's level-1 mIoU (see roadseg's README).",
+        ]
+    else:
+        lines.append(f"The official AutoNUE script ({OFFICIAL_SCRIPT}) reads level-3 files only; export with "
+                     "`--export_level 3` to score with it.")
+    return "\n".join(lines) + "\n"
 
 
 def write_prediction(prediction: np.ndarray, lookup: np.ndarray | None, target: Path) -> Path:
@@ -97,7 +137,8 @@ class StagedExport:
         if not self.target.is_dir():
             return
         for path in self.target.rglob("*"):
-            if path.is_symlink() or (path.is_file() and not EXPORT_FILE.search(path.name)):
+            if path.is_symlink() or (path.is_file() and not EXPORT_FILE.search(path.name)
+                                     and path != self.target / README_FILE):
                 raise EvalInputError(
                     f"--export_predictions {self.target}: holds {path.relative_to(self.target)}, which is not an "
                     "exported prediction; the folder is replaced as a whole, so pick a new or empty folder"

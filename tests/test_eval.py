@@ -80,19 +80,10 @@ def syn_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A saved tiny model whose mask and class heads are sharpened, so its predictions vary over pixels and classes.
-
-    An untrained tiny model predicts a single class everywhere, which would make the scoring checks trivial.
-    """
-    torch.manual_seed(0)
-    model = load_model("tiny", LEVEL3)
-    with torch.no_grad():
-        model.class_predictor.weight.mul_(40)
-        for parameter in model.model.transformer_module.decoder.mask_predictor.mask_embedder.parameters():
-            parameter.mul_(10)
+def model_dir(tmp_path_factory, sharpened_tiny_model):
+    """The sharpened tiny model (tests/conftest.py), saved with a small image processor."""
     folder = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(folder)
+    sharpened_tiny_model.save_pretrained(folder)
     # A small processor size keeps the default --eval_shortest_edge (the checkpoint's) quick on a CPU.
     load_image_processor("tiny", shortest_edge=PROCESSOR_EDGE).save_pretrained(folder)
     return folder
@@ -167,17 +158,24 @@ def test_cli_writes_every_output_with_expected_sizes(cli_run, test_split):
 def test_exported_predictions_score_to_the_reported_miou(cli_run, syn_dir, test_split):
     out, results = cli_run
     _, paths, sequences = test_split
-    exported = sorted(p.relative_to(out / "preds").as_posix() for p in (out / "preds").rglob("*.png"))
-    expected = [f"{s}/{_frame(p)}_gtFine_labellevel3Ids.png" for p, s in zip(paths, sequences, strict=True)]
-    assert exported == sorted(expected)
+    written = sorted(p.relative_to(out / "preds").as_posix() for p in (out / "preds").rglob("*") if p.is_file())
+    expected = sorted(f"{s}/{_frame(p)}_gtFine_labellevel3Ids.png" for p, s in zip(paths, sequences, strict=True))
+    # The test split is carved from train: the ground truth of exactly its frames comes along, under the same names.
+    assert written == sorted(["README.md", *expected, *(f"ground_truth/{name}" for name in expected)])
     pairs = []
     for path, sequence in zip(paths, sequences, strict=True):
         with Image.open(out / "preds" / sequence / f"{_frame(path)}_gtFine_labellevel3Ids.png") as picture:
             assert picture.mode == "L"
             prediction = np.array(picture)
         truth = _truth(syn_dir, path, sequence)
+        exported_truth = np.array(Image.open(out / "preds" / "ground_truth" / sequence /
+                                             f"{_frame(path)}_gtFine_labellevel3Ids.png"))
+        np.testing.assert_array_equal(exported_truth, truth)
         assert prediction.shape == truth.shape == (HEIGHT, WIDTH)
         pairs.append((truth, prediction))
+    readme = (out / "preds" / "README.md").read_text()
+    assert (f"python evaluation/evaluate_mIoU.py --gts {(out / 'preds' / 'ground_truth').resolve()} "
+            f"--preds {(out / 'preds').resolve()} --num-workers 8") in readme
     matrix = independent_confusion(pairs, 26)
     iou, mean_iou = independent_iou(matrix)
     assert len(np.unique(np.concatenate([p.ravel() for _, p in pairs]))) >= 3  # the predictions are not trivial

@@ -198,8 +198,8 @@ def test_card_results_run_eval_pipeline_and_exports_score_the_test_split_alike(s
             label_map[np.asarray(segment["mask"]) > 0] = label2id[segment["label"]]
         from_pipeline[path] = label_map
     exported = {
-        path: np.asarray(Image.open(next((tmp_path / "preds").rglob(Path(path).name.replace(
-            "_leftImg8bit.png", "_gtFine_labellevel3Ids.png")))))
+        path: np.asarray(Image.open(tmp_path / "preds" / Path(path).parent.name / Path(path).name.replace(
+            "_leftImg8bit.png", "_gtFine_labellevel3Ids.png")))
         for path in references
     }
 

@@ -477,7 +477,8 @@ def test_image_bad_inside_a_worker_is_skipped_and_counted(capsys, monkeypatch, t
     assert json.loads((tmp_path / "ev" / "eval_results.json").read_text())["skipped_images"] == victim
     assert "1 image(s) skipped as bad samples" in (tmp_path / "ev" / "eval_report.md").read_text()
     assert "1 skipped as bad samples" in capsys.readouterr().out
-    assert len(list((tmp_path / "preds").rglob("*.png"))) == NUM_IMAGES - 1
+    assert len(list((tmp_path / "preds").glob("*/*.png"))) == NUM_IMAGES - 1
+    assert len(list((tmp_path / "preds" / "ground_truth").rglob("*.png"))) == NUM_IMAGES - 1
     assert len(list((tmp_path / "ev" / "overlays").iterdir())) == NUM_IMAGES - 1
 
 
@@ -509,8 +510,9 @@ def test_run_over_an_earlier_folder_replaces_its_outputs_whole(workplace):
     # Nothing of the earlier run (level-2 export, 3 overlays) is left beside this run's files.
     assert sorted(name for name in reference[0] if name.startswith("overlays/")) == [
         f"overlays/{rank:03d}_{frame}.png" for rank, frame in enumerate(("000000", "000004", "000007", "000011"))]
-    assert len(reference[1]) == NUM_IMAGES
-    assert all(name.endswith("_gtFine_labellevel3Ids.png") for name in reference[1])
+    # Each frame's prediction, its ground truth, and the export's README.md.
+    assert len(reference[1]) == 2 * NUM_IMAGES + 1 and "README.md" in reference[1]
+    assert all(name.endswith("_gtFine_labellevel3Ids.png") for name in reference[1] if name != "README.md")
     results = json.loads(reference[0]["eval_results.json"])
     assert results["export_level"] == 3 and results["num_images"] == NUM_IMAGES
     assert not any(p.name.endswith(".partial") or p.name == INCOMPLETE_FILE for p in root.rglob("*"))
