@@ -117,6 +117,12 @@ class EvalArguments:
                   "the input size, e.g. 0.5,0.75,1.0,1.25,1.5,1.75; class probabilities are averaged over the "
                   "scales (and their mirrors with --tta flip). Default: the one input size."},
     )
+    tta_tiling: bool = field(
+        default=True,
+        metadata={"help": "Run --tta_scales views larger than the single-scale input in full-height strips no "
+                  "larger than it, so memory stays near single-scale. False runs each view whole (more context; "
+                  "memory grows with the largest scale squared)."},
+    )
     protocol: str = field(
         default="native",
         metadata={"help": "native: count every pixel at its original size. idd: also score as the IDD leaderboard "
@@ -349,6 +355,7 @@ def score_split(
         tta=eval_args.tta,
         working_size=eval_args.working_size,
         tta_scales=eval_args.scales,
+        tta_tiling=eval_args.tta_tiling,
         overlays=set(overlays),
         export_targets=targets,
         export_lookup=lookup,
@@ -373,6 +380,7 @@ def score_split(
         "working_size": eval_args.working_size,
         "tta": eval_args.tta,
         "tta_scales": list(eval_args.scales) if eval_args.scales else None,
+        "tta_tiling": eval_args.tta_tiling if eval_args.scales else None,
         "num_processes": accelerator.num_processes,
         "export_predictions": str(export.target) if export else None,
         "export_level": export_level if export else None,

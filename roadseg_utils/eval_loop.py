@@ -76,6 +76,7 @@ def score_shards(
     tta: str,
     working_size: int | None,
     tta_scales: tuple[float, ...] | None = None,
+    tta_tiling: bool = True,
     overlays: set[int],
     export_targets: Mapping[int, tuple[Path, Path]] | None = None,
     export_lookup: np.ndarray | None = None,
@@ -116,7 +117,7 @@ def score_shards(
             real = [j for j, slot in enumerate(kept) if start + slot < num_real]
             predictions = []
             if batch is not None:
-                predictions = predict_batch(model, batch, accelerator, tta, working_size, tta_scales)
+                predictions = predict_batch(model, batch, accelerator, tta, working_size, tta_scales, tta_tiling)
             if real:
                 confusion.update([predictions[j] for j in real],
                                  [batch["original_segmentation_maps"][j] for j in real])

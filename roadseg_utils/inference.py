@@ -7,10 +7,11 @@ argmax; so a model scores the same here, in run_eval.py and through ``pipeline()
 away first (using the valid size read from ``pixel_mask``), so an image scores as it would alone. With a
 ``working_size`` the scores are taken at a capped size and the label map is resized with nearest neighbours.
 
-Multi-scale test-time augmentation (``scales``, optionally with the mirror of each scale) runs one forward pass per
-view, turns its outputs into class scores on the common 384x384 grid at once, adds them up and frees the outputs
-before the next view, so no more than one view's logits are held; the average of the views then goes through the
-same final resize and argmax.
+Multi-scale test-time augmentation (``scales``, optionally with the mirror of each scale) runs one view at a time,
+turns its outputs into class scores on the common 384x384 grid at once, adds them up and frees the outputs before
+the next view, so no more than one view's logits are held; the average of the views then goes through the same
+final resize and argmax. A view larger than the single-scale input runs in full-height strips no larger than that
+input (``tile_pixels``), so the largest forward pass, which sets the peak memory, is the single-scale one.
 """
 
 from __future__ import annotations
@@ -218,6 +219,58 @@ def scale_batch(
     return scaled, pixel_mask, sizes
 
 
+def strip_starts(width: int, strip_width: int) -> list[int]:
+    """Left edges of the fewest strips of ``strip_width`` covering ``width``, spread evenly, multiples of 32.
+
+    Strips overlap by what is left over, shared out between the seams; the last one ends at ``width``.
+    """
+    if strip_width >= width:
+        return [0]
+    count = math.ceil(width / strip_width)
+    last = width - strip_width
+    starts = [min(last, round(last * index / (count - 1) / SIZE_DIVISOR) * SIZE_DIVISOR) for index in range(count)]
+    return sorted(set(starts[:-1]) | {last})
+
+
+def strip_width_for(height: int, width: int, tile_pixels: int) -> int:
+    """The widest multiple of 32 (32 to ``width``) whose full-height strip has at most ``tile_pixels`` pixels."""
+    return min(width, max(SIZE_DIVISOR, tile_pixels // max(height, 1) // SIZE_DIVISOR * SIZE_DIVISOR))
+
+
+def class_scores_in_strips(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    pixel_mask: torch.Tensor,
+    strip_width: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> torch.Tensor:
+    """Class scores (B, C, h, w) at the model's mask resolution, stitched from full-height strips of the input.
+
+    Each strip runs alone; its class probabilities weight the sigmoids of its mask logits (upstream's rule, at the
+    strip's own mask resolution), and columns where strips overlap take their mean. Only one strip's outputs and
+    the stitched scores are held at a time.
+    """
+    height, width = pixel_values.shape[-2:]
+    stitched, counts, scale = None, None, None
+    for start in strip_starts(width, strip_width):
+        with autocast():
+            outputs = model(pixel_values=pixel_values[..., start: start + strip_width],
+                            pixel_mask=pixel_mask[..., start: start + strip_width])
+        class_probs = outputs.class_queries_logits.float().softmax(dim=-1)[..., :-1]
+        mask_probs = outputs.masks_queries_logits.float().sigmoid()
+        del outputs
+        scores = torch.einsum("bqc,bqhw->bchw", class_probs, mask_probs)
+        if stitched is None:
+            # The mask resolution is a fixed fraction of the input (1/4 for Mask2Former), the same for every strip.
+            scale = scores.shape[-1] / strip_width
+            stitched = scores.new_zeros((*scores.shape[:2], scores.shape[-2], round(width * scale)))
+            counts = scores.new_zeros(stitched.shape[-1])
+        left = round(start * scale)
+        stitched[..., left: left + scores.shape[-1]] += scores
+        counts[left: left + scores.shape[-1]] += 1
+    return stitched / counts
+
+
 def add_view_scores(
     total: torch.Tensor | None,
     model: torch.nn.Module,
@@ -226,12 +279,31 @@ def add_view_scores(
     valid_sizes: Sequence[tuple[int, int]],
     mirrored: bool = False,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    tile_pixels: int | None = None,
 ) -> torch.Tensor:
     """``total`` (B, C, 384, 384) plus the class scores of one view of a batch (a new tensor when ``total`` is None).
 
     ``pixel_values`` is the view as fed to the model; ``mirrored`` says it is the horizontal mirror of the images
-    padded at the bottom and right. The model's outputs (hidden states included) are freed on return.
+    padded at the bottom and right. A view of more than ``tile_pixels`` pixels runs in strips
+    (:func:`class_scores_in_strips`), whose stitched class scores are cropped to each image and resized to 384x384.
+    The model's outputs (hidden states included) are freed on return.
     """
+    height, width = pixel_values.shape[-2:]
+    if tile_pixels is not None and height * width > tile_pixels:
+        scores = class_scores_in_strips(model, pixel_values, pixel_mask, strip_width_for(height, width, tile_pixels),
+                                        autocast)
+        if mirrored:
+            scores = scores.flip(-1)
+        if total is None:
+            total = scores.new_zeros((len(valid_sizes), scores.shape[1], *UPSTREAM_MASK_SIZE))
+        for index, (valid_h, valid_w) in enumerate(valid_sizes):
+            crop_h = max(1, round(valid_h * scores.shape[-2] / height))
+            crop_w = max(1, round(valid_w * scores.shape[-1] / width))
+            total[index] += torch.nn.functional.interpolate(
+                scores[index: index + 1, :, :crop_h, :crop_w], size=UPSTREAM_MASK_SIZE, mode="bilinear",
+                align_corners=False,
+            )[0]
+        return total
     with autocast():
         outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
     class_logits = outputs.class_queries_logits.float()
@@ -241,7 +313,7 @@ def add_view_scores(
         mask_logits = mask_logits.flip(-1)
     if total is None:
         total = mask_logits.new_zeros((len(valid_sizes), class_logits.shape[-1] - 1, *UPSTREAM_MASK_SIZE))
-    input_size = tuple(pixel_values.shape[-2:])
+    input_size = (height, width)
     for index, valid_size in enumerate(valid_sizes):
         total[index] += semantic_scores_for_image(class_logits[index], mask_logits[index], valid_size, input_size)
     return total
@@ -256,6 +328,7 @@ def multiscale_label_maps(
     flip: bool = False,
     working_size: int | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    tile: bool = True,
 ) -> list[torch.Tensor]:
     """Label maps from the class scores of every scale (and its mirror with ``flip``) averaged at 384x384.
 
@@ -265,17 +338,23 @@ def multiscale_label_maps(
     run one at a time, each one's outputs freed before the next forward pass. The sum is divided by the number of
     views, an average as the papers define it: dividing by a positive count leaves the argmax of the sum (to float
     rounding; exactly when the count is a power of 2, so one view is bitwise the single-scale path).
+
+    With ``tile`` a view with more pixels than the single-scale input runs in full-height strips of at most that
+    many pixels: no forward pass is larger than the single-scale one, so neither is the peak memory much larger.
+    Each strip sees the whole height of the scene (sky to road) but only part of its width.
     """
+    tile_pixels = pixel_values.shape[-2] * pixel_values.shape[-1] if tile else None
     total, views = None, 0
     for scale in scales:
         scaled, scaled_mask, sizes = scale_batch(pixel_values, valid_sizes, scale)
-        total = add_view_scores(total, model, scaled, scaled_mask, sizes, autocast=autocast)
+        total = add_view_scores(total, model, scaled, scaled_mask, sizes, autocast=autocast, tile_pixels=tile_pixels)
         views += 1
         if flip:
             # The mirror replaces the scaled batch rather than joining it: one copy of the input lives during the
             # forward pass, and the largest scale's activations are those of B images, not 2B.
             scaled, scaled_mask = scaled.flip(-1), scaled_mask.flip(-1)
-            total = add_view_scores(total, model, scaled, scaled_mask, sizes, mirrored=True, autocast=autocast)
+            total = add_view_scores(total, model, scaled, scaled_mask, sizes, mirrored=True, autocast=autocast,
+                                    tile_pixels=tile_pixels)
             views += 1
     total /= views
     map_dtype = label_map_dtype(total.shape[1])
@@ -290,11 +369,13 @@ def predict_batch(
     tta: str = "none",
     working_size: int | None = None,
     scales: Sequence[float] | None = None,
+    tile: bool = True,
 ) -> list[torch.Tensor]:
     """Label maps on the accelerator's device, one per image at the size of its ``original_segmentation_maps``.
 
     ``tta="flip"`` also runs the horizontal mirror of every image and sums the class scores of both. With
-    ``scales`` every image is also run at each scale, one view at a time (see :func:`multiscale_label_maps`).
+    ``scales`` every image is also run at each scale, one view at a time, scales above 1 in strips unless ``tile``
+    is False (see :func:`multiscale_label_maps`).
     """
     if tta not in TTA_CHOICES:
         raise ValueError(f"tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
@@ -304,7 +385,8 @@ def predict_batch(
     target_sizes = [tuple(np.shape(label)[:2]) for label in batch["original_segmentation_maps"]]
     if scales is not None:
         return multiscale_label_maps(model, pixel_values, valid_sizes, target_sizes, parse_tta_scales(scales),
-                                     flip=tta == "flip", working_size=working_size, autocast=accelerator.autocast)
+                                     flip=tta == "flip", working_size=working_size, autocast=accelerator.autocast,
+                                     tile=tile)
     pixel_mask = batch["pixel_mask"].to(device, non_blocking=True)
     if tta == "flip":
         pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,9 +22,6 @@ LEVEL3 = idd_label_set(3)
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-
 
 @pytest.fixture(scope="module")
 def sharp_model(sharpened_tiny_model):
@@ -87,11 +85,70 @@ def test_summing_at_384_equals_resizing_each_view_then_summing(sharp_model):
         assert (once - each).abs().max() < 1e-5
         # And the label map multi-scale TTA returns is the argmax of the resize-each average, bar near-ties.
         (label_map,) = inference.multiscale_label_maps(sharp_model, batch["pixel_values"], valid_sizes, [target],
-                                                       PAPER_SCALES)
+                                                       PAPER_SCALES, tile=False)
     top2 = each.topk(2, dim=0).values
     clear = (top2[0] - top2[1]) > 1e-5
     assert len(label_map.unique()) > 1
     assert torch.equal(label_map[clear].long(), each.argmax(dim=0)[clear])
+
+
+class LocalModel(torch.nn.Module):
+    """A stand-in whose mask logits at each pixel depend on that 4x4 block of the input alone (three queries)."""
+
+    def __init__(self, num_labels: int = 5) -> None:
+        super().__init__()
+        self.class_logits = torch.randn(3, num_labels + 1, generator=torch.Generator().manual_seed(3))
+        self.inputs: list[tuple[int, ...]] = []
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> SimpleNamespace:
+        self.inputs.append(tuple(pixel_values.shape))
+        masks = torch.nn.functional.avg_pool2d(pixel_values, 4) * 3
+        return SimpleNamespace(class_queries_logits=self.class_logits.expand(len(pixel_values), -1, -1),
+                               masks_queries_logits=masks)
+
+
+@pytest.mark.parametrize("width,strip", [(96, 32), (160, 64), (1184, 512), (3360, 1056), (64, 64), (64, 128)])
+def test_strips_are_the_fewest_that_cover_the_width_on_the_32_grid(width, strip):
+    starts = inference.strip_starts(width, strip)
+    assert starts[0] == 0 and starts[-1] + min(strip, width) == width
+    assert len(starts) == max(1, -(-width // strip))  # the fewest strips that can cover the width
+    assert all(start % 32 == 0 for start in starts) and starts == sorted(set(starts))
+    assert all(b - a <= strip for a, b in zip(starts, starts[1:], strict=False))  # no gap between strips
+    assert inference.strip_width_for(96, 3360, 96 * 1000) == 992 and inference.strip_width_for(96, 64, 10**6) == 64
+
+
+def test_stitched_strips_equal_the_whole_view_for_a_local_model():
+    """Seams and overlaps are placed exactly: a model without context gives the same scores in strips as whole."""
+    model = LocalModel()
+    pixel_values = torch.randn(2, 3, 64, 224, generator=torch.Generator().manual_seed(4))
+    pixel_mask = torch.ones(2, 64, 224, dtype=torch.uint8)
+    with torch.inference_mode():
+        whole = inference.class_scores_in_strips(model, pixel_values, pixel_mask, strip_width=224)
+        for strip_width in (32, 64, 96, 160):
+            model.inputs.clear()
+            strips = inference.class_scores_in_strips(model, pixel_values, pixel_mask, strip_width)
+            assert all(shape[-1] == strip_width for shape in model.inputs) and len(model.inputs) > 1
+            assert strips.shape == whole.shape == (2, 5, 16, 56)
+            assert (strips - whole).abs().max() < 1e-6
+
+
+def test_tiled_multi_scale_never_runs_a_pass_larger_than_single_scale():
+    model = LocalModel()
+    batch = padded_batch([(64, 96), (32, 64)], [(90, 135), (45, 90)], seed=6)
+    valid_sizes = inference.valid_sizes_of(batch["pixel_mask"])
+    single_pixels = 64 * 96
+    with torch.inference_mode():
+        tiled = inference.multiscale_label_maps(model, batch["pixel_values"], valid_sizes, [(90, 135), (45, 90)],
+                                                PAPER_SCALES, flip=True)
+        tiled_inputs, model.inputs = model.inputs, []
+        whole = inference.multiscale_label_maps(model, batch["pixel_values"], valid_sizes, [(90, 135), (45, 90)],
+                                                PAPER_SCALES, flip=True, tile=False)
+    assert max(h * w for *_, h, w in tiled_inputs) <= single_pixels
+    assert max(h * w for *_, h, w in model.inputs) > 2.5 * single_pixels  # scale 1.75, whole
+    assert len(tiled_inputs) > len(model.inputs) == 12
+    # Without context, strips change only where upstream's rule resizes before the sigmoid and the stitch after it.
+    for a, b in zip(tiled, whole, strict=True):
+        assert a.shape == b.shape and (a == b).float().mean() > 0.9
 
 
 def test_scaled_inputs_round_up_to_32_and_keep_each_image_apart():
@@ -153,6 +210,10 @@ def test_run_eval_multi_scale_flip_records_the_scales(tiny_tree):
     plain = run_eval.main([str(_eval_arguments(tiny_tree, "plain"))])
     assert plain["tta_scales"] is None and single["tta_scales"] == [1.0]
     assert single["mean_iou"] == plain["mean_iou"] and single["per_class"] == plain["per_class"]
+    assert results["tta_tiling"] is True and single["tta_tiling"] is True and plain["tta_tiling"] is None
+    whole = run_eval.main([str(_eval_arguments(tiny_tree, "whole", tta="flip", tta_scales="0.5,1.0,1.5",
+                                               tta_tiling=False))])
+    assert whole["tta_tiling"] is False and whole["num_images"] == 4
 
 
 @pytest.mark.parametrize("value", ["0.5,-1", "1,x", ",".join(["1.1"] * 9)])
