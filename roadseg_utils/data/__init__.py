@@ -19,7 +19,7 @@ Import from here (``from roadseg_utils.data import ...``); the modules behind it
 - `errors`: the `DataError` hierarchy;
 - `idd`: IDD file naming and polygon rasterisation;
 - `image_files`: opening stored images safely (regular files only, no decompression bombs, EXIF orientation
-  applied) and checking their integrity from headers and trailers;
+  applied), checking their integrity from headers and trailers, and `file_stamp` (a file's identity between runs);
 - `decoding`: any stored image or label as a PIL RGB image or a uint8 label map, and `image_size` (the start-up
   check of an image);
 - `layouts`: `SampleRecord` and `find_records` for an IDD tree or image/mask folders;
@@ -59,7 +59,7 @@ from .idd import (
     idd_label_suffix,
     rasterize_polygons,
 )
-from .image_files import check_regular_file
+from .image_files import check_regular_file, file_stamp
 from .layouts import IMAGE_EXTENSIONS, SampleRecord, find_records
 from .lazy_dataset import BadSampleGuard, SampleDecoder, dataset_column, records_to_dataset, with_sample_transform
 from .legacy_pickle import load_legacy_pickle
@@ -108,6 +108,7 @@ __all__ = [
     "check_regular_file",
     "check_on_bad_sample",
     "dataset_column",
+    "file_stamp",
     "find_records",
     "idd_frame_name",
     "idd_label_suffix",

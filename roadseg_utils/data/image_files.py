@@ -184,3 +184,19 @@ def decode_upright(image: Image.Image, problem: Problem) -> Image.Image:
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, KeyError, TypeError) as err:
         raise problem(f"decoding fails: {reason(err)}") from None
     return image
+
+
+# Per file: size, modification time, status-change time, inode.
+STAMP_FIELDS = 4
+
+
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """What tells a file's content apart between runs without reading it: size, mtime, ctime and inode.
+
+    Size and mtime alone let a replaced file pass for the old one (``cp --preserve=timestamps``, ``os.utime``).
+    The status-change time cannot be set from user space and moves on every write, chmod or rename, and a file
+    renamed into place has a new inode; so a replacement always changes the stamp, and a rerun hashes nothing.
+    Raises `OSError` when the file cannot be stat'ed.
+    """
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino

@@ -26,6 +26,7 @@ from ..data import (
     UnreadableImageError,
     UnreadableMaskError,
     check_on_bad_sample,
+    file_stamp,
     label_level,
     label_value_problem,
     read_label_map,
@@ -35,7 +36,7 @@ from ..data import (
 from ..data.decoding import image_size
 from ..labels import IGNORE_INDEX, LabelSet, pixel_counts
 from ..parallel import map_in_order, resolve_workers
-from .histogram_cache import STAMP_WIDTH, HistogramCache, file_stamp, sample_stamps
+from .histogram_cache import STAMP_WIDTH, HistogramCache, sample_stamps
 from .pool import CandidatePool
 
 if TYPE_CHECKING:

@@ -18,32 +18,21 @@ from ..data import (
     SizeMismatchError,
     UnreadableImageError,
     UnreadableMaskError,
+    file_stamp,
 )
+from ..data.image_files import STAMP_FIELDS
 
 logger = logging.get_logger(__name__)
 
 CACHE_FILE = "class_stats.npz"
 # 2: one entry per sample (image and label file), stamps with ctime and inode, bad samples' verdicts kept.
 CACHE_VERSION = 2
-# Per file: size, modification time, status-change time, inode (see `file_stamp`); an entry holds image and label.
-STAMP_FIELDS = 4
+# An entry holds the image's and the label's `file_stamp`.
 STAMP_WIDTH = 2 * STAMP_FIELDS
 # The verdicts a cached entry may hold; label values are checked against the run's label set, never cached.
 CACHED_ERRORS = {cls.__name__: cls for cls in (MissingMaskError, UnreadableImageError, UnreadableMaskError,
                                                SizeMismatchError)}
 _ARRAYS = ("version", "keys", "stamps", "histograms", "failed", "errors", "problems")
-
-
-def file_stamp(path: str | os.PathLike[str]) -> tuple[int, ...]:
-    """What tells a file's content apart between runs without reading it: size, mtime, ctime and inode.
-
-    Size and mtime alone let a replaced file pass for the old one (``cp --preserve=timestamps``, ``os.utime``).
-    The status-change time cannot be set from user space and moves on every write, chmod or rename, and a file
-    renamed into place has a new inode; so a replacement always changes the stamp, and a rerun hashes nothing.
-    Raises `OSError` when the file cannot be stat'ed.
-    """
-    info = os.stat(path)
-    return info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino
 
 
 def sample_stamps(records: Sequence[SampleRecord], level: int | None) -> tuple[list[str], np.ndarray]:
