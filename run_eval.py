@@ -72,6 +72,7 @@ from roadseg_utils.modeling import (
     processor_shortest_edge,
 )
 from roadseg_utils.output_dir import OutputDirError, prepare_output_dir
+from roadseg_utils.parallel import default_loader_workers, limit_loader_threads
 from roadseg_utils.protocol import DEFAULT_RESOLUTION, PROTOCOL_CHOICES, PROTOCOL_FRAMES, protocol_results
 from roadseg_utils.transforms import make_eval_transform
 
@@ -165,7 +166,9 @@ class EvalArguments:
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
     seed: int = field(default=42, metadata={"help": "Seed of the split (use the fine-tuning seed) and of 'tiny'."})
     dataloader_num_workers: int = field(
-        default=2, metadata={"help": "Processes that decode and resize images while the model runs (0: inline)."}
+        default_factory=default_loader_workers,
+        metadata={"help": "Processes that decode and resize images while the model runs (0: inline; default: the "
+                  "usable cores shared by this node's processes, at most 8)."},
     )
 
     def __post_init__(self) -> None:
@@ -326,7 +329,9 @@ def score_split(
     eval_shortest_edge = processor_shortest_edge(processor) if processor.do_resize else None
 
     # The split, and which of its images get an overlay or an exported prediction.
-    splits = load_segmentation_dataset(data_args, label_set, eval_args.seed)
+    # The main process validates (or reads the label cache) and writes the cache; the others then read it.
+    with accelerator.main_process_first():
+        splits = load_segmentation_dataset(data_args, label_set, eval_args.seed)
     dataset = splits[eval_args.split]
     if len(dataset) == 0:
         raise EvalInputError(f"{data_args.describe_source()}: the {eval_args.split} split has no labelled images")
@@ -345,6 +350,7 @@ def score_split(
                 f"on {accelerator.device}")
 
     transform = make_eval_transform(processor)
+    limit_loader_threads(eval_args.dataloader_num_workers)
     scores = score_shards(
         model, with_sample_transform(dataset, transform), accelerator,
         num_labels=label_set.num_labels,

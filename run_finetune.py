@@ -70,6 +70,7 @@ from roadseg_utils.output_dir import (
     earlier_outputs,
     prepare_output_dir,
 )
+from roadseg_utils.parallel import default_loader_workers, limit_loader_threads
 from roadseg_utils.selection import select_training_rows
 from roadseg_utils.trainer import (
     EpochSeededDataset,
@@ -178,7 +179,11 @@ class FinetuneTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept in output_dir."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
     metric_for_best_model: str | None = field(default="mean_iou", metadata={"help": "Metric that ranks checkpoints."})
-    dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loader worker processes."})
+    dataloader_num_workers: int = field(
+        default_factory=default_loader_workers,
+        metadata={"help": "Data-loader worker processes (default: the usable cores shared by this node's processes, "
+                  "at most 8)."},
+    )
     dataloader_pin_memory: bool = field(
         default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in memory (default: on a GPU)."}
     )
@@ -360,7 +365,9 @@ def finetune(
         image_processor = load_image_processor(
             model_args.model_name_or_path, shortest_edge=data_args.eval_edge, **processor_overrides
         )
-        splits = load_segmentation_dataset(data_args, label_set, seed=training_args.seed)
+        # Under DDP the main process validates (or reads the label cache) and writes the cache; the others then read it.
+        with training_args.main_process_first(desc="validating the data"):
+            splits = load_segmentation_dataset(data_args, label_set, seed=training_args.seed)
         train_rows, selection = splits["train"], None
         if data_args.selection_manifest:
             train_rows, selection = select_training_rows(
@@ -395,6 +402,7 @@ def finetune(
         if checkpoint is not None:
             logger.info(f"resuming from {checkpoint} (use another --output_dir to start from scratch)")
         sets = guarded_datasets(data_args, training_args, image_processor, splits, train_rows)
+        limit_loader_threads(training_args.dataloader_num_workers)
         try:
             trainer = FrozenBackboneTrainer(
                 model=model,

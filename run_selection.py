@@ -14,9 +14,10 @@ Every sample is checked before it is ranked (the image's header, the mask decode
 a bad one stops the run in one line, or with --on_bad_sample skip is left out and counted in the report. Arguments
 and folders are checked before any of that; the output folder is locked while the run writes into it and marked
 RUN_INCOMPLETE until every output is written, so a killed run, rerun, ends with the same outputs. Per-sample verdicts
-and label histograms are cached in the output folder, so a rerun with other weights or another budget reads no image
-and decodes no label map. The split options of the data source (--train_fraction, --val_fraction, --test_fraction,
---split_by) do not apply here; --num_workers sets the processes that check samples.
+and label histograms are kept in the data's label cache (<data_dir>/.roadseg_cache, or --label_cache_dir), shared with
+run_finetune.py and run_eval.py, so a rerun with other weights or another budget, or a fine-tuning run on the same
+tree, reads no image and decodes no label map. The split options of the data source (--train_fraction,
+--val_fraction, --test_fraction, --split_by) do not apply here; --num_workers sets the processes that check samples.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ from transformers.utils import logging
 
 from roadseg_utils.atomic import write_text_atomically
 from roadseg_utils.cli import CommandLineError, one_line, parse_script_arguments
-from roadseg_utils.data import DataError, DataSourceArguments, source_label_set
+from roadseg_utils.data import DataError, DataSourceArguments, label_cache_path, source_label_set
 from roadseg_utils.labels import LabelSet
 from roadseg_utils.output_dir import INCOMPLETE_FILE, IncompleteMarker, OutputDirError, OutputLock, prepare_output_dir
 from roadseg_utils.selection import (
-    CACHE_FILE,
     FORMULA,
     MANIFEST_CSV,
     MANIFEST_JSON,
@@ -78,10 +78,11 @@ DESCRIPTION = (
     "a Hugging Face dataset or pickle; validation and test images are never ranked. Each image gets CDS (class "
     "diversity), RCS (rare classes) and ICS (sequence size) from its label histogram, and "
     f"{FORMULA}. Writes manifest.json/.csv, report.md and plots to --output_dir; sample checks and label histograms "
-    "are cached there, so reruns with other weights read no image and decode nothing."
+    "are kept in the data's label cache (shared with fine-tuning and evaluation), so reruns with other weights "
+    "read no image and decode nothing."
 )
 # The temporary files `atomic` writes beside an output (".<name>.<uuid4 hex>.tmp"), left behind by a killed run.
-_OUTPUTS = (MANIFEST_JSON, MANIFEST_CSV, REPORT_FILE, CACHE_FILE, INCOMPLETE_FILE, *PLOT_FILES)
+_OUTPUTS = (MANIFEST_JSON, MANIFEST_CSV, REPORT_FILE, INCOMPLETE_FILE, *PLOT_FILES)
 _TEMPORARY = re.compile(r"\.(" + "|".join(map(re.escape, _OUTPUTS)) + r")\.[0-9a-f]{32}\.tmp")
 
 
@@ -110,7 +111,7 @@ def _materialize_target(
         )
     target = Path(selection_args.materialize_dir or output_dir / "subset").expanduser().resolve()
     # The subset replaces its folder as a whole: it must not hold this run's outputs or its data.
-    for name, folder in (("--output_dir", output_dir), ("--cache_dir", cache_dir)):
+    for name, folder in (("--output_dir", output_dir), ("--label_cache_dir", cache_dir)):
         if _within(folder.resolve(), target):
             raise SelectionError(f"--materialize_dir {target}: holds {name} {folder}; choose a folder of its own")
     for value in (data_args.data_dir, data_args.image_dir, data_args.mask_dir, data_args.dataset_name):
@@ -141,11 +142,12 @@ def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> d
     _check_rare_classes(selection_args, label_set)
     _check_data_folder(data_args)
     output_dir = prepare_output_dir(selection_args.output_dir)
-    cache_dir = prepare_output_dir(selection_args.cache_dir, "--cache_dir") if selection_args.cache_dir else output_dir
-    cache_path = cache_dir / CACHE_FILE
+    if data_args.label_cache_dir is not None:
+        prepare_output_dir(data_args.label_cache_dir, "--label_cache_dir")
+    cache_path = label_cache_path(data_args)
     if cache_path.exists() and not cache_path.is_file():
-        raise SelectionError(f"{cache_path}: is not a file, so the histogram cache cannot be written there")
-    target = _materialize_target(data_args, selection_args, output_dir, cache_dir)
+        raise SelectionError(f"{cache_path}: is not a file, so the label cache cannot be written there")
+    target = _materialize_target(data_args, selection_args, output_dir, cache_path.parent)
     with ExitStack() as held:
         held.enter_context(OutputLock(output_dir, SCRIPT))
         if target is not None and target.parent != output_dir.resolve():

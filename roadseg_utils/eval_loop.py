@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from .collator import SegmentationCollator
 from .confusion import StreamingConfusionMatrix, all_reduce_confusion
 from .data import BadSampleGuard
 from .export import write_prediction
 from .inference import predict_batch
+from .progress import progress_bar
 from .protocol import IddProtocolConfusion
 
 
@@ -108,7 +108,8 @@ def score_shards(
     skipped: list[int] = []
     with ThreadPoolExecutor(max_workers=2) as writer, torch.inference_mode():
         writes = []
-        for step, item in enumerate(tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process)):
+        batches = progress_bar(loader, desc="evaluating", unit="batch", enabled=accelerator.is_local_main_process)
+        for step, item in enumerate(batches):
             start = step * batch_size
             size = min(batch_size, len(positions) - start)
             batch, kept = item["batch"], item["kept"]

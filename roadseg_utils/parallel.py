@@ -1,5 +1,7 @@
 """The process pool shared by mask validation and selection histograms: bounded, ordered, fork-started, never orphaned.
 
+Also the defaults for small machines: worker counts from the CPU affinity, one OpenCV thread per DataLoader worker.
+
 A worker must never outlive the process that started it: killed parents (SIGKILL included) take their workers with
 them through Linux's parent-death signal, and SIGINT/SIGTERM of the parent kill the pool's workers before acting as
 they did before the pool started. (The parent-death signal fires when the thread that forked the workers ends: the
@@ -22,17 +24,43 @@ from typing import Any
 
 # Below this many samples, starting worker processes costs more than the work they would share.
 MIN_PARALLEL_SAMPLES = 64
+# Default process count at most: past 8, decoding 1080p maps is bound by the disk and the parent collecting results.
+MAX_DEFAULT_WORKERS = 8
 # <linux/prctl.h>: deliver a signal to this process when the thread that forked it exits.
 PR_SET_PDEATHSIG = 1
 # The signals after which the parent shuts its pool down.
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_workers(num_workers: int | None, count: int) -> int:
     """Worker processes for ``count`` items: ``num_workers``, or up to 8 usable cores; 1 when there are few items."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(8, available) if num_workers is None else num_workers
+    workers = min(MAX_DEFAULT_WORKERS, usable_cores()) if num_workers is None else num_workers
     return workers if workers > 1 and count >= MIN_PARALLEL_SAMPLES else 1
+
+
+def default_loader_workers() -> int:
+    """DataLoader workers per process: this node's usable cores shared by its processes (LOCAL_WORLD_SIZE), at most 8.
+
+    At least 1, so decoding and augmenting 1080p frames never runs in the training loop's own process.
+    """
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_DEFAULT_WORKERS, usable_cores() // processes))
+
+
+def limit_loader_threads(num_workers: int) -> None:
+    """One OpenCV thread per DataLoader worker (torch's DataLoader already sets one torch thread per worker).
+
+    Call before the workers fork: with OpenCV's own thread pool in every worker, N workers would run N x cores
+    threads on the same cores (on a 2-core Colab or Kaggle machine, slower than N single threads).
+    """
+    if num_workers > 0:
+        import cv2
+        cv2.setNumThreads(1)
 
 
 def _start_worker(parent: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:

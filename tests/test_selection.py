@@ -20,6 +20,7 @@ from roadseg_utils.data import (
     UnreadableMaskError,
     dataset_column,
     find_records,
+    label_cache,
     load_segmentation_dataset,
     read_label_map,
     records_to_dataset,
@@ -31,7 +32,6 @@ from roadseg_utils.selection import (
     SelectionError,
     class_diversity,
     class_presence,
-    class_stats,
     compute_class_stats,
     export,
     image_frequency,
@@ -183,7 +183,7 @@ def test_truncated_greyscale_png_is_an_unreadable_mask(tmp_path: Path):
     _save(tmp_path / "whole.png", rng.integers(0, 26, (64, 80)).astype(np.uint8))
     data = (tmp_path / "whole.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    [(outcome, stamp)] = class_stats._file_verdicts([(str(tmp_path / "image.png"), str(tmp_path / "cut.png"))], 3)
+    [(outcome, stamp)] = label_cache.file_verdicts([(str(tmp_path / "image.png"), str(tmp_path / "cut.png"))], 3)
     assert outcome.histogram is None and outcome.error is UnreadableMaskError
     assert str(tmp_path / "cut.png") in outcome.problem
     assert stamp is not None  # a file that does not decode stays bad until it changes, so the verdict is cached
@@ -252,9 +252,9 @@ def test_rerun_with_other_weights_decodes_no_label_map(synthetic: Path, default_
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", guarded_open)
-    monkeypatch.setattr(class_stats, "label_map_counts", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
+    monkeypatch.setattr(label_cache, "label_map_counts", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
     # Nor is any image's header read: the cache holds each sample's verdict.
-    monkeypatch.setattr(class_stats, "image_size", lambda *a, **k: decoded.append(a) or pytest.fail("image read"))
+    monkeypatch.setattr(label_cache, "image_size", lambda *a, **k: decoded.append(a) or pytest.fail("image read"))
     outputs = run_selection.main(["--data_dir", str(synthetic), "--num_images", str(BUDGET), "--output_dir",
                                   str(output), "--alpha", "0", "--beta", "1", "--gamma", "0", "--num_workers", "1"])
     assert decoded == [] and outputs["decoded"] == 0
@@ -273,17 +273,15 @@ def test_changed_label_file_is_the_only_one_decoded_again(hand_made: Path, tmp_p
     _save(changed, _blocks({0: 8, 3: 8}))
     os.utime(changed, ns=(1, 1))
     decoded = []
-    real = class_stats.label_map_counts
-    monkeypatch.setattr(class_stats, "label_map_counts", lambda path, level: decoded.append(path) or real(path, level))
+    real = label_cache.label_map_counts
+    monkeypatch.setattr(label_cache, "label_map_counts", lambda path, level: decoded.append(path) or real(path, level))
     assert run_selection.main(args)["decoded"] == 1
     assert [os.fspath(p) for p in decoded] == [str(changed)]
     assert _rows_by_path(tmp_path / "o" / "manifest.json")["leftImg8bit/train/a/f2_leftImg8bit.png"]["rcs"] == 1.0
 
 
 def _cached_run(synthetic: Path, default_run: Path, output: Path, strategy: str, seed: str) -> Path:
-    """Select 60 images into ``output``, starting from the default run's histogram cache (nothing decoded)."""
-    output.mkdir()
-    shutil.copy(default_run / selection.CACHE_FILE, output)
+    """Select 60 images into ``output``; the default run filled the tree's label cache, so nothing is decoded."""
     run_selection.main(["--data_dir", str(synthetic), "--num_images", "60", "--output_dir", str(output),
                         "--strategy", strategy, "--seed", seed, "--no_plots"])
     return output
@@ -379,8 +377,6 @@ def test_bad_options_are_one_line_usage_errors(hand_made: Path, tmp_path: Path, 
 
 def test_budget_larger_than_the_pool_names_both_numbers(synthetic: Path, default_run: Path, tmp_path: Path):
     output = tmp_path / "o"
-    output.mkdir()
-    shutil.copy(default_run / selection.CACHE_FILE, output)
     with pytest.raises(SystemExit) as excinfo:
         run_selection.main(["--data_dir", str(synthetic), "--num_images", "500", "--output_dir", str(output)])
     assert str(excinfo.value.code).startswith("error: asked for 500 images but the dataset has 300")

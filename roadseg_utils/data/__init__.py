@@ -24,6 +24,8 @@ Import from here (``from roadseg_utils.data import ...``); the modules behind it
   check of an image);
 - `layouts`: `SampleRecord` and `find_records` for an IDD tree or image/mask folders;
 - `splits`: seeded splitting and subsampling;
+- `label_cache`: `LabelCache`, the per-tree file of label-map facts (size, histogram, verdict) that selection,
+  fine-tuning and evaluation share, and `label_cache_path` (where a source's cache lives);
 - `validation`: the one bad-sample path, `validate_records` and `check_labelled` (a split without any labelled
   pixel is an error);
 - `lazy_dataset`: `SampleDecoder`, `BadSampleGuard` (the bad-sample policy for rows read later, e.g. in DataLoader
@@ -60,6 +62,7 @@ from .idd import (
     rasterize_polygons,
 )
 from .image_files import check_regular_file, file_stamp
+from .label_cache import LabelCache, label_cache_path
 from .layouts import IMAGE_EXTENSIONS, SampleRecord, find_records
 from .lazy_dataset import BadSampleGuard, SampleDecoder, dataset_column, records_to_dataset, with_sample_transform
 from .legacy_pickle import load_legacy_pickle
@@ -82,6 +85,7 @@ __all__ = [
     "IDD_POLYGON_SUFFIX",
     "ID2LABEL_FILE",
     "IMAGE_EXTENSIONS",
+    "LabelCache",
     "NPY_MAGIC",
     "ON_BAD_SAMPLE_MODES",
     "SPLITS",
@@ -114,6 +118,7 @@ __all__ = [
     "idd_label_suffix",
     "image_size",
     "label_level",
+    "label_cache_path",
     "label_value_problem",
     "load_legacy_pickle",
     "load_segmentation_dataset",

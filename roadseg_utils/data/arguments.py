@@ -83,6 +83,12 @@ class DataSourceArguments:
     num_workers: int | None = field(
         default=None, metadata={"help": "Processes for validating samples (default: CPU cores, at most 8)."}
     )
+    label_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the label cache (each sample's size, label histogram and verdict, shared by "
+                  "selection, fine-tuning and evaluation). Default: <data_dir>/.roadseg_cache, or a folder under the "
+                  "Hugging Face datasets cache when the tree cannot be written."},
+    )
 
     def __post_init__(self) -> None:
         if self.on_bad_sample not in ("error", "skip"):
@@ -99,6 +105,8 @@ class DataSourceArguments:
             raise ValueError(f"max_samples must be at least 1, got {self.max_samples}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.label_cache_dir is not None and Path(self.label_cache_dir).expanduser().is_file():
+            raise ValueError(f"--label_cache_dir {self.label_cache_dir}: is a file, not a folder")
 
     @property
     def fractions(self) -> dict[str, float]:

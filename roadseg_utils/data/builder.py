@@ -12,6 +12,7 @@ from transformers.utils import logging
 from ..labels import LabelSet, get_label_set, load_id2label_file
 from .arguments import SPLITS, DataSourceArguments
 from .hf_source import load_hf_splits, shipped_id2label_file
+from .label_cache import label_cache_path
 from .layouts import find_records
 from .lazy_dataset import records_to_dataset
 from .legacy_pickle import load_pickle_splits
@@ -50,7 +51,8 @@ def load_split_records(
     label_set = label_set or source_label_set(args)
     splits = assign_splits(find_records(args, label_set), args, seed)
     ordered = [r for name in SPLITS for r in splits[name]]
-    result = validate_records(ordered, label_set, args.on_bad_sample, args.num_workers, args.describe_source())
+    result = validate_records(ordered, label_set, args.on_bad_sample, args.num_workers, args.describe_source(),
+                              label_cache_path(args))
     split_of_image = {r.image_path: r.split for r in ordered}
     positions: dict[str, list[int]] = {name: [] for name in SPLITS}
     for position, record in enumerate(result.records):

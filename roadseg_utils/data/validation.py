@@ -14,7 +14,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..labels import IGNORE_INDEX, LabelSet, pixel_counts
-from ..parallel import chunked, map_in_order, resolve_workers
+from ..parallel import map_in_order, resolve_workers
 from .decoding import image_size, to_label_map
 from .errors import (
     BadSampleError,
@@ -174,21 +174,39 @@ def validate_records(
     on_bad_sample: str = "error",
     num_workers: int | None = None,
     source: str = "dataset",
+    cache_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
 ) -> ValidationResult:
     """Check every sample (image integrity, mask present, sizes equal, values in the label set).
 
+    With ``cache_path`` (a `label_cache.LabelCache` file) samples checked before are read from it, not decoded.
     ``error`` raises the first bad sample's `BadSampleError` subclass; ``skip`` logs each one and the total.
     No sample, or none left, raises `EmptyDatasetError` naming ``source``.
     """
+    # label_cache builds on this module's verdicts, so it is imported here rather than at the top.
+    from .label_cache import check_records
+
     if not records:
         raise EmptyDatasetError(f"{source}: no samples to load")
-    tasks = ((r.image_path, r.label_path, r.image_path) for r in records)
-    kept, good, skipped = check_samples(
-        chunked(tasks, VALIDATION_CHUNK), len(records), label_set, on_bad_sample, num_workers, source
+    checked = check_records(records, label_set, functools.partial(_value_failures, records, label_set), cache_path,
+                            num_workers, on_bad_sample, progress)
+    good = SampleVerdict("")
+    kept, _, skipped = sort_samples(
+        (checked.failures.get(index, good) for index in range(len(records))), on_bad_sample, source
     )
     return ValidationResult(
         records=[records[i] for i in kept],
-        histograms=np.stack([g.histogram for g in good]),
-        sizes=[(g.height, g.width) for g in good],
+        histograms=checked.histograms[kept],
+        sizes=[(int(h), int(w)) for h, w in checked.sizes[kept].tolist()],
         skipped=skipped,
     )
+
+
+def _value_failures(
+    records: Sequence[SampleRecord], label_set: LabelSet, histograms: np.ndarray, indices: np.ndarray
+) -> dict[int, SampleVerdict]:
+    """Verdicts of the records among ``indices`` whose histogram holds values outside ``label_set``."""
+    outside = histograms[indices, label_set.num_labels:IGNORE_INDEX].any(axis=1)
+    return {index: SampleVerdict(records[index].image_path, LabelValueError,
+                                 label_value_problem(histograms[index], label_set))
+            for index in indices[outside].tolist()}

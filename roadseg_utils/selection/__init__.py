@@ -22,15 +22,17 @@ of the chosen rows, the same ids as the dataset's ``path`` column (`SampleRecord
 so ``run_finetune.py --selection_manifest`` keeps exactly those rows of its train split.
 
 Before ranking, every sample is checked (the image's header, the mask decoded, their sizes, the label values); a bad
-one stops the run or, with ``on_bad_sample="skip"``, is left out and never ranked. Verdicts and histograms are cached
-in ``class_stats.npz`` keyed by both files' paths and stamps (size, mtime, ctime, inode), so a rerun with other
-weights or another budget reads no image and decodes no label map, and a replaced file is always checked again.
+one stops the run or, with ``on_bad_sample="skip"``, is left out and never ranked. Verdicts and histograms are kept
+in the data's label cache (`roadseg_utils.data.label_cache`, shared with fine-tuning and evaluation) keyed by both
+files' paths and stamps (size, mtime, ctime, inode), so a rerun with other weights or another budget reads no image
+and decodes no label map, and a replaced file is always checked again.
 
-Modules: `arguments` (options and modes), `pool` (the training pool), `histogram_cache` and `class_stats` (sample
-checks and label histograms), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and
+Modules: `arguments` (options and modes), `pool` (the training pool), `class_stats` (sample checks
+and label histograms), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and
 `select_images`), `manifest`, `report` (report.md and plots) and `export` (writing the subset, pushing it to the Hub).
 """
 
+from ..data.label_cache import CACHE_FILE, CACHE_VERSION, PNG_SIGNATURE, LabelCache, label_map_counts
 from .arguments import (
     CDS_MODES,
     DEFAULT_NUM_IMAGES,
@@ -43,13 +45,7 @@ from .arguments import (
     check_json_arguments,
     check_weights,
 )
-from .class_stats import (
-    HISTOGRAM_CHUNK,
-    PNG_SIGNATURE,
-    ClassStats,
-    compute_class_stats,
-    label_map_counts,
-)
+from .class_stats import HISTOGRAM_CHUNK, ClassStats, compute_class_stats
 from .export import (
     SUBSET_MARKER,
     check_materialize_target,
@@ -58,7 +54,6 @@ from .export import (
     push_subset_to_hub,
     remove_stale_staging,
 )
-from .histogram_cache import CACHE_FILE, CACHE_VERSION, HistogramCache
 from .manifest import (
     MANIFEST_COLUMNS,
     MANIFEST_CSV,
@@ -122,7 +117,7 @@ __all__ = [
     "SUBSET_MARKER",
     "CandidatePool",
     "ClassStats",
-    "HistogramCache",
+    "LabelCache",
     "Selection",
     "SelectionArguments",
     "SelectionError",

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from ..data import DataError
-from .histogram_cache import CACHE_FILE
 
 STRATEGIES = ("weighted", "random", "rare_class_sampling")
 CDS_MODES = ("count", "entropy")
@@ -40,7 +39,7 @@ class SelectionArguments:
     """How run_selection.py scores, picks and writes the subset of the training pool."""
 
     output_dir: str = field(
-        metadata={"help": "Folder for manifest.json/.csv, report.md, the plots and the class-statistics cache."}
+        metadata={"help": "Folder for manifest.json/.csv, report.md and the plots."}
     )
     num_images: int | None = field(
         default=None,
@@ -87,9 +86,6 @@ class SelectionArguments:
     )
     temperature: float = field(default=0.01, metadata={"help": "T of rare_class_sampling (> 0)."})
     seed: int = field(default=0, metadata={"help": "Seed of random and rare_class_sampling and of --max_samples."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": f"Folder of the {CACHE_FILE} histogram cache (default: --output_dir)."}
-    )
     plots: bool = field(default=True, metadata={"help": "Write PNG plots (--no_plots to skip)."})
     materialize: str = field(
         default="none",

@@ -25,9 +25,11 @@ import pytest
 from PIL import Image
 
 import run_selection
+from roadseg_utils.data import label_cache
+from roadseg_utils.data.label_cache import CACHE_FILE
 from roadseg_utils.output_dir import INCOMPLETE_FILE, LOCK_FILE
 from roadseg_utils.parallel import map_in_order
-from roadseg_utils.selection import CACHE_FILE, class_stats, load_manifest
+from roadseg_utils.selection import load_manifest
 from tests.faults.conftest import REPO, make_tree, mounted_tmpfs
 
 OUTPUTS = ("manifest.json", "manifest.csv", "report.md")
@@ -70,13 +72,19 @@ def hang_guard():
 @pytest.fixture
 def no_decoding(monkeypatch) -> None:
     """Fail the test if any image header or label map is read in this process."""
-    monkeypatch.setattr(class_stats, "label_map_counts", lambda *a, **k: pytest.fail(f"decoded the mask {a[0]}"))
-    monkeypatch.setattr(class_stats, "image_size", lambda *a, **k: pytest.fail(f"read the image {a[0]}"))
+    monkeypatch.setattr(label_cache, "label_map_counts", lambda *a, **k: pytest.fail(f"decoded the mask {a[0]}"))
+    monkeypatch.setattr(label_cache, "image_size", lambda *a, **k: pytest.fail(f"read the image {a[0]}"))
 
 
 def _args(data: Path, output: Path, *extra: str, budget: str | None = "3", workers: str = "1") -> list[str]:
+    """A selection of ``data`` into ``output``, whose own label cache (``_cache(output)``) starts empty."""
     budget_args = ["--num_images", budget] if budget is not None else []
-    return ["--data_dir", str(data), "--output_dir", str(output), *budget_args, "--num_workers", workers, *extra]
+    return ["--data_dir", str(data), "--output_dir", str(output), *budget_args, "--num_workers", workers,
+            "--label_cache_dir", str(output / "cache"), *extra]
+
+
+def _cache(output: Path) -> Path:
+    return output / "cache" / CACHE_FILE
 
 
 def _select(*argv: str) -> dict:
@@ -205,8 +213,8 @@ def test_skipped_bad_sample_is_never_ranked_selected_or_materialised(fault, tree
     assert not list((output / "subset").rglob("000000_*"))  # the bad frame's files are not in the subset
     # The rerun remembers the verdict: it reads no image and decodes no mask, and says the same.
     first = _outputs(output)
-    monkeypatch.setattr(class_stats, "label_map_counts", lambda *a, **k: pytest.fail("decoded a mask"))
-    monkeypatch.setattr(class_stats, "image_size", lambda *a, **k: pytest.fail("read an image"))
+    monkeypatch.setattr(label_cache, "label_map_counts", lambda *a, **k: pytest.fail("decoded a mask"))
+    monkeypatch.setattr(label_cache, "image_size", lambda *a, **k: pytest.fail("read an image"))
     assert _select(*args)["decoded"] == 0
     assert _outputs(output) == first
 
@@ -351,17 +359,17 @@ def test_corrupt_cache_is_rebuilt_with_one_warning(fault, clean_tree, tmp_path, 
     reference, output = tmp_path / "reference", tmp_path / "out"
     _select(*_args(clean_tree, reference, "--no_plots"))
     _select(*_args(clean_tree, output, "--no_plots"))
-    CORRUPT_CACHES[fault](output / CACHE_FILE)
+    CORRUPT_CACHES[fault](_cache(output))
     caplog.clear()
     assert _select(*_args(clean_tree, output, "--no_plots"))["decoded"] == 12
-    warnings = [r.getMessage() for r in caplog.records if "histogram cache" in r.getMessage()]
-    assert len(warnings) == 1 and "rebuilding it" in warnings[0] and str(output / CACHE_FILE) in warnings[0]
+    warnings = [r.getMessage() for r in caplog.records if "label cache" in r.getMessage()]
+    assert len(warnings) == 1 and "rebuilding it" in warnings[0] and str(_cache(output)) in warnings[0]
     assert _outputs(output) == _outputs(reference)
     assert _select(*_args(clean_tree, output, "--no_plots"))["decoded"] == 0  # rebuilt, so trusted again
 
 
 def test_cache_path_that_is_a_folder_is_refused_before_work(clean_tree, tmp_path, capsys, no_decoding):
-    (tmp_path / "out" / CACHE_FILE).mkdir(parents=True)
+    _cache(tmp_path / "out").mkdir(parents=True)
     _refused(_args(clean_tree, tmp_path / "out"), capsys, CACHE_FILE, "is not a file")
 
 
@@ -432,7 +440,7 @@ FOLDER_FAULTS = {
     "data-dir-is-a-file": ("data", "--data_dir", "is not a folder"),
     "output-dir-is-a-file": ("output", "--output_dir", "is a file, not a folder"),
     "output-dir-uncreatable": ("output", "--output_dir", "cannot create it"),
-    "cache-dir-is-a-file": ("cache", "--cache_dir", "is a file, not a folder"),
+    "cache-dir-is-a-file": ("cache", "--label_cache_dir", "is a file, not a folder"),
     "materialize-into-foreign-folder": ("subset", "is not a subset written by run_selection.py", ""),
     "materialize-over-the-output-dir": ("subset-output", "holds --output_dir", ""),
     "materialize-over-the-data": ("subset-data", "holds the data being selected from", ""),
@@ -454,7 +462,7 @@ def test_unusable_folder_is_one_line_before_any_work(fault, clean_tree, tmp_path
     elif fault == "output-dir-uncreatable":
         output = a_file / "out"
     elif what == "cache":
-        extra = ["--cache_dir", str(a_file)]
+        extra = ["--label_cache_dir", str(a_file)]
     elif what == "subset":
         (tmp_path / "mine").mkdir()
         (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -524,17 +532,17 @@ DRIVER = textwrap.dedent("""
     import os, shutil, signal, sys, time
     sys.path.insert(0, os.environ["REPO"])
     import run_selection
-    from roadseg_utils.selection import class_stats
+    from roadseg_utils.data import label_cache
 
     hook, argv = sys.argv[1], sys.argv[2:]
     kind, _, value = hook.partition(":")
     if kind == "slow-workers":  # each worker announces itself, then decodes very slowly
-        real = class_stats.label_map_counts
+        real = label_cache.label_map_counts
         def slow(path, level):
             open(os.path.join(value, str(os.getpid())), "w").close()
             time.sleep(60)
             return real(path, level)
-        class_stats.label_map_counts = slow
+        label_cache.label_map_counts = slow
     elif kind == "kill-at-replace":  # SIGKILL just before a file named `value` is renamed into place
         real_replace = os.replace
         def replace(source, target, *args, **kwargs):
