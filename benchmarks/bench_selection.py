@@ -36,15 +36,10 @@ from PIL import Image
 
 import run_selection
 from benchmarks.timing import Timing, time_passes
-from roadseg_utils.data import DataSourceArguments
+from roadseg_utils.data import DataSourceArguments, label_cache
+from roadseg_utils.data.label_cache import CACHE_FILE
 from roadseg_utils.labels import get_label_set
-from roadseg_utils.selection import (
-    CACHE_FILE,
-    SelectionArguments,
-    class_stats,
-    compute_class_stats,
-    load_candidate_pool,
-)
+from roadseg_utils.selection import SelectionArguments, compute_class_stats, load_candidate_pool
 from roadseg_utils.synthetic import LABEL_SUFFIX, generate_synthetic_idd
 
 FIT_SIZES = (500, 1000, 2000, 4000, 8000)
@@ -92,28 +87,34 @@ def symlink_tree(source: Path, target: Path, count: int) -> Path:
 def histograms_from(known: dict[str, np.ndarray]) -> Iterator[None]:
     """Within the block, the selection takes a label map's histogram from ``known`` (by real path) and its size,
     and the image's size, from the tree's frame size: nothing is read."""
-    counts, sizes = class_stats.label_map_counts, class_stats.image_size
-    class_stats.label_map_counts = lambda path, level=3: (known[os.path.realpath(path)], (HEIGHT, WIDTH))
-    class_stats.image_size = lambda path, name: (HEIGHT, WIDTH)
+    counts, sizes = label_cache.label_map_counts, label_cache.image_size
+    label_cache.label_map_counts = lambda path, level=3: (known[os.path.realpath(path)], (HEIGHT, WIDTH))
+    label_cache.image_size = lambda path, name: (HEIGHT, WIDTH)
     try:
         yield
     finally:
-        class_stats.label_map_counts, class_stats.image_size = counts, sizes
+        label_cache.label_map_counts, label_cache.image_size = counts, sizes
+
+
+def cache_dir(output_dir: Path) -> Path:
+    """The label cache folder of one benchmark run: inside its output folder, so removing the folder empties it."""
+    return output_dir / "label_cache"
 
 
 def prime_cache(tree: Path, output_dir: Path, known: dict[str, np.ndarray]) -> None:
-    """Fill ``output_dir``'s histogram cache for every label map of ``tree`` from ``known`` histograms."""
+    """Fill ``output_dir``'s label cache for every label map of ``tree`` from ``known`` histograms."""
     shutil.rmtree(output_dir, ignore_errors=True)
     label_set = get_label_set("idd-level3")
     pool = load_candidate_pool(DataSourceArguments(data_dir=str(tree)), label_set)
     with histograms_from(known):
-        compute_class_stats(pool, label_set, output_dir / CACHE_FILE, num_workers=1, progress=False)
+        compute_class_stats(pool, label_set, cache_dir(output_dir) / CACHE_FILE, num_workers=1, progress=False)
 
 
 def time_selection(data_dir: Path, output_dir: Path, workers: int, budget: int,
                    weights: tuple[float, float, float], fresh: bool, repeats: int) -> Timing:
     """``repeats`` in-process selections (``fresh`` removes the output folder and cache before each, untimed)."""
-    data_args = DataSourceArguments(data_dir=str(data_dir), num_workers=workers)
+    data_args = DataSourceArguments(data_dir=str(data_dir), num_workers=workers,
+                                    label_cache_dir=str(cache_dir(output_dir)))
     alpha, beta, gamma = weights
     selection_args = SelectionArguments(output_dir=str(output_dir), num_images=budget, alpha=alpha, beta=beta,
                                         gamma=gamma)
@@ -174,7 +175,7 @@ def main() -> None:
     rerun = time_selection(data, runs / "parallel", 1, budget, (0.1, 0.7, 0.2), fresh=False, repeats=args.repeats)
     label_set = get_label_set("idd-level3")
     stats = compute_class_stats(load_candidate_pool(DataSourceArguments(data_dir=str(data)), label_set), label_set,
-                                runs / "parallel" / CACHE_FILE, progress=False)
+                                cache_dir(runs / "parallel") / CACHE_FILE, progress=False)
     known = {os.path.realpath(r.label_path): h for r, h in zip(stats.pool.records, stats.histograms, strict=True)}
     fit_times = []
     for size in FIT_SIZES:
@@ -188,7 +189,8 @@ def main() -> None:
     tree300 = symlink_tree(data, work_dir / "trees" / "n300", 300)
     prime_cache(tree300, runs / "cli300", known)
     command = [sys.executable, "run_selection.py", "--data_dir", str(tree300), "--num_images", "60", "--output_dir",
-               str(runs / "cli300"), "--alpha", "0", "--beta", "1", "--gamma", "0"]
+               str(runs / "cli300"), "--alpha", "0", "--beta", "1", "--gamma", "0", "--label_cache_dir",
+               str(cache_dir(runs / "cli300"))]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     cli = time.perf_counter() - start

@@ -2,7 +2,8 @@
 """run_finetune.py with per-rank records for tests/test_distributed.py; run it under ``accelerate launch``.
 
 Each rank writes ``rank<N>.json`` into ``$ROADSEG_RECORD_DIR``: the paths of the training samples it loaded, a
-hash of its final weights, and every file it created, replaced or removed under ``--output_dir``.
+hash of its final weights, every file it created, replaced or removed under ``--output_dir``, and how many label
+maps it decoded (validation runs in-process below 64 samples).
 """
 
 from __future__ import annotations
@@ -55,10 +56,21 @@ sys.addaudithook(record_writes)
 from transformers import TrainerCallback  # noqa: E402
 
 import run_finetune  # noqa: E402
-from roadseg_utils.data import dataset_column  # noqa: E402
+from roadseg_utils.data import dataset_column, label_cache  # noqa: E402
 from roadseg_utils.trainer import EpochSeededDataset  # noqa: E402
 
 seen_indices: list[int] = []
+decoded_maps: list[str] = []
+real_label_map_counts = label_cache.label_map_counts
+
+
+def counting_label_map_counts(path, level=3):
+    """`label_cache.label_map_counts`, noting the map it decodes."""
+    decoded_maps.append(os.fspath(path))
+    return real_label_map_counts(path, level)
+
+
+label_cache.label_map_counts = counting_label_map_counts
 
 
 class RecordingDataset(EpochSeededDataset):
@@ -97,6 +109,7 @@ def main() -> None:
         "num_samples_loaded": len(seen_indices),
         "weights_sha256": weights.weights_sha256,
         "written": under_output,
+        "label_maps_decoded": len(decoded_maps),
     }
     (record_dir / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 # 24 frames split 12 / 9 / 3: the odd validation split leaves one rank a padded, duplicated sample.
 SPLIT_ARGS = ["--train_fraction", "0.5", "--val_fraction", "0.375", "--test_fraction", "0.125"]
-NUM_TRAIN, NUM_VALIDATION = 12, 9
+NUM_FRAMES, NUM_TRAIN, NUM_VALIDATION = 24, 12, 9
 MAX_STEPS, BATCH = 3, 2
 FINETUNE_ARGS = [
     "--model_name_or_path", "tiny", *SPLIT_ARGS, "--crop_size", "64x128", "--max_steps", str(MAX_STEPS),
@@ -73,7 +73,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """Two-process fine-tuning, then run_eval.py of the saved model on two processes and in this one."""
     root = tmp_path_factory.mktemp("ddp")
     data = root / "scenes"
-    generate_synthetic_idd(data, num_images=24, num_sequences=3, image_size=(64, 128), seed=5, workers=1)
+    generate_synthetic_idd(data, num_images=NUM_FRAMES, num_sequences=3, image_size=(64, 128), seed=5, workers=1)
     launch_two_processes(REPO / "tests" / "ddp_finetune_recorder.py",
                          ["--data_dir", str(data), "--output_dir", str(root / "ft"), *FINETUNE_ARGS], root)
     model_args = ["--model_name_or_path", str(root / "ft"), "--data_dir", str(data), *EVAL_ARGS]
@@ -100,6 +100,11 @@ def test_each_rank_trains_on_its_own_disjoint_shard(runs):
     train_split = json.loads((runs["ft"] / "data_splits.json").read_text())["paths"]["train"]
     assert len(train_split) == NUM_TRAIN
     assert sorted(first["train_paths_seen"] + second["train_paths_seen"]) == sorted(train_split)
+
+
+def test_the_main_process_validates_and_the_other_reads_its_label_cache(runs):
+    first, second = rank_records(runs["root"])
+    assert (first["label_maps_decoded"], second["label_maps_decoded"]) == (NUM_FRAMES, 0)
 
 
 def test_final_weights_are_identical_on_both_ranks(runs):
