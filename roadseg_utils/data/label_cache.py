@@ -347,7 +347,7 @@ def check_with_cache(
     keys: Sequence[str],
     stamps: np.ndarray,
     names: Sequence[str],
-    decode: Callable[[np.ndarray], Iterator[tuple[int, SampleVerdict, tuple[int, ...] | None]]],
+    decode: Decoder,
     value_failures: Callable[[np.ndarray, np.ndarray], dict[int, SampleVerdict]],
     cache_path: str | os.PathLike[str] | None,
     on_bad_sample: str,
