@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,19 @@ def test_second_start_decodes_nothing_and_a_replaced_map_is_decoded_again(tmp_pa
     os.utime(mask, ns=(info.st_atime_ns, info.st_mtime_ns))
     load_split_records(args, seed=1)
     assert decoded == [mask]
+
+
+def test_saving_removes_temporaries_of_killed_runs_but_not_of_running_ones(tmp_path):
+    tree = _tree(tmp_path / "scenes", num_images=4)
+    folder = tree / CACHE_FOLDER
+    folder.mkdir()
+    killed, running = folder / f".{CACHE_FILE}.{'a' * 32}.tmp", folder / f".{CACHE_FILE}.{'b' * 32}.tmp"
+    for leftover in (killed, running):
+        leftover.write_bytes(b"partial")
+    old = time.time() - label_cache.STALE_TEMPORARY_S - 60
+    os.utime(killed, (old, old))
+    load_split_records(DataSourceArguments(data_dir=str(tree), num_workers=1), seed=0)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CACHE_FILE, running.name])
 
 
 def _flat_pair(folder: Path, name: str, values: list[int]) -> None:

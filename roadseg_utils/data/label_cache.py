@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -59,6 +61,8 @@ CACHED_ERRORS = {cls.__name__: cls for cls in (MissingMaskError, UnreadableImage
 # Samples per worker task: large enough to amortise inter-process traffic, small enough for a smooth progress bar.
 CHECK_CHUNK = 16
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A temporary cache file (`atomic.write_atomically`) older than this was left by a killed run, not being written.
+STALE_TEMPORARY_S = 3600.0
 _ARRAYS = ("version", "keys", "stamps", "histograms", "sizes", "failed", "errors", "problems")
 
 # (pool index, verdict, stamp to cache it under or None) for each index to check.
@@ -201,12 +205,25 @@ class LabelCache:
         histograms = np.concatenate([self.histograms[kept], np.stack(fresh).astype(np.int64)])
         sizes = np.concatenate([self.sizes[kept], np.array([(v.height, v.width) for _, v in new], np.int64)])
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         write_atomically(self.path, lambda stream: np.savez(
             stream, version=np.int64(CACHE_VERSION), keys=np.array(keys, dtype=str), stamps=stamps,
             histograms=histograms, sizes=sizes, failed=np.array([f[0] for f in failures], dtype=np.int64),
             errors=np.array([f[1].__name__ for f in failures], dtype=str),
             problems=np.array([f[2] for f in failures], dtype=str),
         ))
+
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary cache files of killed runs; no run holds the folder, so only ones too old to be in use go."""
+        temporary = re.compile(rf"\.{re.escape(self.path.name)}\.[0-9a-f]{{32}}\.tmp")
+        cutoff = time.time() - STALE_TEMPORARY_S
+        for entry in self.path.parent.iterdir():
+            try:
+                if temporary.fullmatch(entry.name) and entry.lstat().st_mtime < cutoff:
+                    entry.unlink()
+            except FileNotFoundError:  # removed by another run meanwhile
+                continue
 
 
 def _is_gray8_png(data: bytes) -> bool:
