@@ -26,6 +26,7 @@ from roadseg_utils.versions import check_versions
 # First: with too old a torch, transformers or accelerate the imports below may fail, or training may fail later.
 check_versions("run_selection.py")
 
+import json
 import logging as std_logging
 import re
 import sys
@@ -34,6 +35,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
@@ -41,6 +43,7 @@ from roadseg_utils.atomic import write_text_atomically
 from roadseg_utils.cli import CommandLineError, one_line, parse_script_arguments
 from roadseg_utils.data import DataError, DataSourceArguments, source_label_set
 from roadseg_utils.labels import LabelSet
+from roadseg_utils.modeling import TINY_MODEL, load_model
 from roadseg_utils.output_dir import INCOMPLETE_FILE, IncompleteMarker, OutputDirError, OutputLock, prepare_output_dir
 from roadseg_utils.selection import (
     CACHE_FILE,
@@ -49,13 +52,17 @@ from roadseg_utils.selection import (
     MANIFEST_JSON,
     PLOT_FILES,
     REPORT_FILE,
+    CandidatePool,
     ClassStats,
+    ModelScores,
     Selection,
     SelectionArguments,
     SelectionError,
     check_json_arguments,
     check_materialize_target,
+    check_model_labels,
     compute_class_stats,
+    compute_model_scores,
     load_candidate_pool,
     materialize_dataset,
     materialize_files,
@@ -134,11 +141,48 @@ def _check_rare_classes(selection_args: SelectionArguments, label_set: LabelSet)
         resolve_rare_classes(np.ones(label_set.num_labels), label_set, selection_args.rare_classes)
 
 
+def _model_loader(selection_args: SelectionArguments, label_set: LabelSet):  # noqa: ANN202
+    """Builds the model of the model pass when it is first needed (never when every prediction is cached)."""
+    name = selection_args.model_name_or_path
+
+    def load() -> torch.nn.Module:
+        if name == TINY_MODEL:
+            torch.manual_seed(selection_args.seed)  # the fingerprint of `tiny` is its seed
+            return load_model(name, label_set)
+        return load_model(name, None)
+
+    return load
+
+
+def _model_scores(pool: CandidatePool, label_set: LabelSet, selection_args: SelectionArguments, cache_dir: Path,
+                  on_bad_sample: str) -> ModelScores:
+    return compute_model_scores(
+        pool, label_set, selection_args.model_name_or_path, cache_dir, _model_loader(selection_args, label_set),
+        selection_args.per_device_batch_size, selection_args.prediction_size, selection_args.model_precision,
+        on_bad_sample, selection_args.seed)
+
+
+def _read_study(path: str | None) -> dict[str, object] | None:
+    """The study results of --study_results, checked before any work."""
+    if path is None:
+        return None
+    try:
+        study = json.loads(Path(path).expanduser().read_text())
+        if not isinstance(study, dict) or not isinstance(study.get("results"), list):
+            raise ValueError("no 'results' list")
+    except (OSError, ValueError) as err:
+        raise SelectionError(f"--study_results {path}: not a study of benchmarks/selection_study.py ({err})") from err
+    return study
+
+
 def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> dict[str, object]:
     """Check the arguments and folders, then rank, select and write every output; returns the paths and counts."""
     start = time.perf_counter()
     label_set = source_label_set(data_args)
     _check_rare_classes(selection_args, label_set)
+    if selection_args.needs_model():
+        check_model_labels(selection_args.model_name_or_path, label_set)
+    study = _read_study(selection_args.study_results)
     _check_data_folder(data_args)
     output_dir = prepare_output_dir(selection_args.output_dir)
     cache_dir = prepare_output_dir(selection_args.cache_dir, "--cache_dir") if selection_args.cache_dir else output_dir
@@ -153,14 +197,25 @@ def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> d
         _remove_stale_temporaries(output_dir)
         if target is not None:
             remove_stale_staging(target)
-        pool = load_candidate_pool(data_args, label_set, selection_args.seed)
+        from_labels = selection_args.label_source == "labels"
+        pool = load_candidate_pool(data_args, label_set, selection_args.seed, require_labels=from_labels)
         resolve_budget(len(pool), selection_args.num_images, selection_args.fraction, pool.source)
-        stats = compute_class_stats(pool, label_set, cache_path, data_args.num_workers, data_args.on_bad_sample)
-        selection = select_images(stats, selection_args, label_set)
+        model_scores = None
+        if from_labels:
+            stats = compute_class_stats(pool, label_set, cache_path, data_args.num_workers, data_args.on_bad_sample)
+        if selection_args.needs_model():
+            model_scores = _model_scores(stats.pool if from_labels else pool, label_set, selection_args, cache_dir,
+                                         data_args.on_bad_sample)
+            stats = _with_model_skips(stats, model_scores) if from_labels else model_scores.stats
+        selection = select_images(
+            stats, selection_args, label_set,
+            uncertainty=model_scores.uncertainty if model_scores else None,
+            embeddings=model_scores.embeddings if model_scores else None,
+            model=model_scores.model if model_scores else None)
         chosen = [i for i, is_selected in enumerate(selection.selected) if is_selected]
         try:
             with IncompleteMarker(output_dir, SCRIPT):
-                outputs = _write_outputs(selection, label_set, selection_args, output_dir)
+                outputs = _write_outputs(selection, label_set, selection_args, output_dir, study)
                 if target is not None:
                     _materialize(stats, chosen, label_set, selection_args.materialize, target, data_args)
                     outputs["subset"] = target
@@ -178,8 +233,20 @@ def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> d
     return outputs
 
 
+def _with_model_skips(stats: ClassStats, model_scores: ModelScores) -> ClassStats:
+    """Label statistics restricted to the images the model pass could read (it skips unreadable ones)."""
+    kept = model_scores.stats.pool.paths
+    if len(kept) == len(stats.pool):
+        return stats
+    index = {path: i for i, path in enumerate(stats.pool.paths)}
+    rows = [index[path] for path in kept]
+    return ClassStats(stats.pool.subset(rows), stats.histograms[rows], stats.skipped + model_scores.stats.skipped,
+                      stats.decoded)
+
+
 def _write_outputs(
-    selection: Selection, label_set: LabelSet, selection_args: SelectionArguments, output_dir: Path
+    selection: Selection, label_set: LabelSet, selection_args: SelectionArguments, output_dir: Path,
+    study: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """manifest.json/.csv, the plots (or none left from an earlier run) and report.md, each written atomically."""
     json_path, csv_path = write_manifest(selection, output_dir)
@@ -190,7 +257,7 @@ def _write_outputs(
         for name in PLOT_FILES:  # an earlier run's plots would not show this selection
             (output_dir / name).unlink(missing_ok=True)
     report_path = output_dir / REPORT_FILE
-    write_text_atomically(report_path, render_report(selection, label_set, [p.name for p in plots]))
+    write_text_atomically(report_path, render_report(selection, label_set, [p.name for p in plots], study))
     return {"manifest": json_path, "manifest_csv": csv_path, "report": report_path, "plots": plots}
 
 

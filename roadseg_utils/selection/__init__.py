@@ -27,7 +27,8 @@ in ``class_stats.npz`` keyed by both files' paths and stamps (size, mtime, ctime
 weights or another budget reads no image and decodes no label map, and a replaced file is always checked again.
 
 Modules: `arguments` (options and modes), `pool` (the training pool), `histogram_cache` and `class_stats` (sample
-checks and label histograms), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and
+checks and label histograms), `model_scores` (predicted histograms, uncertainty and embeddings from one model pass,
+cached), `diversity` (k-center greedy), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and
 `select_images`), `manifest`, `report` (report.md and plots) and `export` (writing the subset, pushing it to the Hub).
 """
 
@@ -35,6 +36,7 @@ from .arguments import (
     CDS_MODES,
     DEFAULT_NUM_IMAGES,
     ICS_MODES,
+    LABEL_SOURCES,
     MATERIALIZE_MODES,
     RCS_MODES,
     STRATEGIES,
@@ -50,6 +52,7 @@ from .class_stats import (
     compute_class_stats,
     label_map_counts,
 )
+from .diversity import k_center_greedy
 from .export import (
     SUBSET_MARKER,
     check_materialize_target,
@@ -71,8 +74,17 @@ from .manifest import (
     selected_paths,
     write_manifest,
 )
+from .model_scores import (
+    DEFAULT_PREDICTION_SIZE,
+    PREDICTION_CACHE,
+    ModelScores,
+    PredictionCache,
+    check_model_labels,
+    compute_model_scores,
+    model_fingerprint,
+)
 from .pool import SUBSAMPLE_SALT, CandidatePool, load_candidate_pool
-from .report import PLOT_FILES, REPORT_FILE, render_report, strategy_comparison, write_plots
+from .report import PLOT_FILES, REPORT_FILE, render_report, strategy_comparison, study_section, write_plots
 from .scoring import (
     FORMULA,
     class_diversity,
@@ -89,6 +101,7 @@ from .strategies import (
     RANDOM_SALT,
     RARE_CLASS_SALT,
     Selection,
+    diversity_order,
     random_order,
     rare_class_sampling_order,
     select_images,
@@ -97,6 +110,17 @@ from .strategies import (
 )
 
 __all__ = [
+    "study_section",
+    "diversity_order",
+    "LABEL_SOURCES",
+    "k_center_greedy",
+    "model_fingerprint",
+    "compute_model_scores",
+    "check_model_labels",
+    "PredictionCache",
+    "ModelScores",
+    "PREDICTION_CACHE",
+    "DEFAULT_PREDICTION_SIZE",
     "CACHE_FILE",
     "CACHE_VERSION",
     "CDS_MODES",

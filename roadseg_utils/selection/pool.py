@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +18,7 @@ from ..data import (
     find_records,
     load_segmentation_dataset,
 )
+from ..data.layouts import find_image_folder
 from ..labels import LabelSet
 
 if TYPE_CHECKING:
@@ -41,6 +43,18 @@ class CandidatePool:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image_files(self) -> list[str]:
+        """Each image's file, for the model pass; a dataset must keep its images as files (an image folder or a
+        dataset loaded from files)."""
+        if self.records is not None:
+            return [record.image_path for record in self.records]
+        files = [_file_of(value) for value in dataset_column(self.dataset.cast_column("image", _undecoded()), "image")]
+        missing = sum(file is None for file in files)
+        if missing:
+            raise DataError(f"{self.source}: {missing} images are stored as bytes, not files; the model pass reads "
+                            "image files (save them to a folder and pass --image_dir)")
+        return files
+
     def subset(self, indices: Sequence[int]) -> CandidatePool:
         """The pool restricted to ``indices`` (kept in the given order)."""
         return CandidatePool(
@@ -52,17 +66,38 @@ class CandidatePool:
         )
 
 
-def load_candidate_pool(data_args: DataSourceArguments, label_set: LabelSet, seed: int = 0) -> CandidatePool:
+def _undecoded() -> datasets.Image:
+    import datasets
+
+    return datasets.Image(decode=False)
+
+
+def _file_of(value: object) -> str | None:
+    path = value.get("path") if isinstance(value, dict) else None
+    return path if path and not (isinstance(value, dict) and value.get("bytes")) else None
+
+
+def load_candidate_pool(
+    data_args: DataSourceArguments, label_set: LabelSet, seed: int = 0, require_labels: bool = True
+) -> CandidatePool:
     """The training pool of any supported layout, sorted by ``path``, without decoding any image or label map.
 
     File layouts: the train folder's records (an IDD tree's val/test folders are left out; flat folders are all
     train). Hugging Face datasets and pickles: their train split as loaded, nothing carved out. ``--max_samples``
-    keeps a seeded subset.
+    keeps a seeded subset. Without ``require_labels`` (scores from a model), images need no masks: an IDD tree's
+    ``leftImg8bit/train`` alone, or ``--image_dir`` alone (every image under it).
     """
     source = data_args.describe_source()
+    if not require_labels and data_args.image_dir is not None and data_args.mask_dir is None:
+        if data_args.dataset_name is not None or data_args.pickle_path is not None:
+            data_args.source_kind()  # two sources named: its one-line error
+        folder = Path(data_args.data_dir or "") / data_args.image_dir
+        records = _subsample(find_image_folder(folder), data_args.max_samples, seed)
+        return CandidatePool([r.path for r in records], [r.sequence for r in records], source, records=records)
     kind = data_args.source_kind()
     if kind in ("idd", "flat"):
-        records = [r for r in find_records(data_args, label_set) if (r.split or "train") == "train"]
+        found = find_records(data_args, label_set, include_unlabeled=not require_labels)
+        records = [r for r in found if (r.split or "train") == "train"]
         if not records:
             raise EmptyDatasetError(f"{source}: no annotated training images to rank")
         records = _subsample(records, data_args.max_samples, seed)
