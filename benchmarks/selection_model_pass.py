@@ -126,3 +126,7 @@ def _cached_reruns(data: Path, runs: Path, args: argparse.Namespace) -> dict[str
     finally:
         run_selection.load_model = original
         std_logging.disable(std_logging.NOTSET)
+
+
+if __name__ == "__main__":
+    main()
