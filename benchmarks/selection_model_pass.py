@@ -58,7 +58,7 @@ def main() -> None:
         root = Path(scratch)
         generate_synthetic_idd(root / "data", args.num_images, 4, args.image_size, seed=0)
         pool = load_candidate_pool(DataSourceArguments(data_dir=str(root / "data")), label_set)
-        files = pool.image_files()
+        files = pool.image_sources()
         chunks = [files[i: i + args.batch_size] for i in range(0, len(files), args.batch_size)]
         batches = [stack_batch([decode_reduced(f, args.prediction_size) for f in chunk], MEAN, STD)
                    for chunk in chunks]

@@ -213,3 +213,27 @@ def test_uncertainty_weight_needs_a_model(tmp_path: Path) -> None:
         SelectionArguments(output_dir=str(tmp_path), delta=0.5)
     with pytest.raises(SelectionError, match="need --model_name_or_path"):
         SelectionArguments(output_dir=str(tmp_path), strategy="diversity")
+
+
+def test_hf_dataset_without_label_column(tree: Path, sharpened_tiny_model, tmp_path: Path, one_torch_thread) -> None:
+    """A saved dataset holding only image bytes: ranked by the model, each row's key the dataset's own path."""
+    import datasets
+
+    files = sorted((tree / "leftImg8bit" / "train").rglob("*.png"))
+    images = [{"bytes": f.read_bytes(), "path": None} for f in files]
+    paths = [f"frame{i:03d}" for i in range(len(files))]
+    dataset = datasets.Dataset.from_dict({"image": images, "path": paths},
+                                         features=datasets.Features({"image": datasets.Image(),
+                                                                     "path": datasets.Value("string")}))
+    dataset.save_to_disk(str(tmp_path / "ds"))
+    pool = load_candidate_pool(DataSourceArguments(dataset_name=str(tmp_path / "ds")), LABEL_SET,
+                               require_labels=False)
+    scores = compute_model_scores(pool, LABEL_SET, "m", tmp_path / "c", lambda: sharpened_tiny_model,
+                                  prediction_size=32)
+    records = load_candidate_pool(DataSourceArguments(data_dir=str(tree)), LABEL_SET, require_labels=False)
+    from_files = compute_model_scores(records, LABEL_SET, "m", tmp_path / "c2", lambda: sharpened_tiny_model,
+                                      prediction_size=32)
+    assert scores.stats.pool.paths == paths
+    np.testing.assert_array_equal(scores.stats.histograms, from_files.stats.histograms)
+    again = compute_model_scores(pool, LABEL_SET, "m", tmp_path / "c", lambda: None, prediction_size=32)
+    assert again.inferred == 0

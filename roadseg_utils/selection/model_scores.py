@@ -184,10 +184,11 @@ def reduced_size(height: int, width: int, prediction_size: int) -> tuple[int, in
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def decode_reduced(path: str, prediction_size: int) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 at the reduced size; JPEGs are drafted by the decoder near that size."""
-    problem = lambda text: UnreadableImageError(path, text)  # noqa: E731
-    with open_stored_image(path, problem) as image:
+def decode_reduced(source: str | bytes, prediction_size: int, name: str | None = None) -> np.ndarray:
+    """An image file (or its bytes, called ``name`` in errors) as (H, W, 3) uint8 at the reduced size; JPEGs are
+    drafted by the decoder near that size."""
+    problem = lambda text: UnreadableImageError(name or str(source), text)  # noqa: E731
+    with open_stored_image(source, problem) as image:
         target = reduced_size(image.height, image.width, prediction_size)
         if image.format == "JPEG":
             image.draft("RGB", (target[1], target[0]))
@@ -243,19 +244,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _decoded_batches(
-    paths: Sequence[str], batch_size: int, prediction_size: int
+    images: Sequence[tuple[str | bytes, str]], batch_size: int, prediction_size: int
 ) -> Iterator[list[tuple[int, np.ndarray | None, str | None]]]:
     """Batches of (position, image or None, problem) decoded one batch ahead by a background thread."""
     def decode(start: int) -> list[tuple[int, np.ndarray | None, str | None]]:
         out: list[tuple[int, np.ndarray | None, str | None]] = []
-        for position in range(start, min(start + batch_size, len(paths))):
+        for position in range(start, min(start + batch_size, len(images))):
+            source, name = images[position]
             try:
-                out.append((position, decode_reduced(paths[position], prediction_size), None))
+                out.append((position, decode_reduced(source, prediction_size, name), None))
             except UnreadableImageError as err:
                 out.append((position, None, err.problem))
         return out
 
-    starts = range(0, len(paths), batch_size)
+    starts = range(0, len(images), batch_size)
     with ThreadPoolExecutor(max_workers=1) as decoder:
         pending = decoder.submit(decode, starts[0]) if starts else None
         for following in [*starts[1:], None]:
@@ -265,17 +267,18 @@ def _decoded_batches(
 
 
 def run_model_pass(
-    model: torch.nn.Module, paths: Sequence[str], batch_size: int, prediction_size: int, device: torch.device,
-    dtype: torch.dtype | None, mean: Sequence[float] = _DEFAULT_MEAN, std: Sequence[float] = _DEFAULT_STD,
+    model: torch.nn.Module, images: Sequence[tuple[str | bytes, str]], batch_size: int, prediction_size: int,
+    device: torch.device, dtype: torch.dtype | None, mean: Sequence[float] = _DEFAULT_MEAN,
+    std: Sequence[float] = _DEFAULT_STD,
     on_result: Callable[[int, np.ndarray, float, np.ndarray], None] | None = None,
     on_batch: Callable[[], None] | None = None,
 ) -> dict[int, str]:
-    """Run ``model`` over image files; ``on_result(position, histogram, uncertainty, embedding)`` for each readable
-    one, ``on_batch()`` after each batch. Returns the problem of each unreadable file by position."""
+    """Run ``model`` over (file or bytes, name) images; ``on_result(position, histogram, uncertainty, embedding)``
+    for each readable one, ``on_batch()`` after each batch. Returns the problem of each unreadable one by position."""
     mean_t, std_t = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     problems: dict[int, str] = {}
     with torch.inference_mode():
-        for batch in _decoded_batches(paths, batch_size, prediction_size):
+        for batch in _decoded_batches(images, batch_size, prediction_size):
             problems.update({position: problem for position, image, problem in batch if image is None})
             good = [(position, image) for position, image, _ in batch if image is not None]
             if good:
@@ -324,24 +327,17 @@ def compute_model_scores(
     from accelerate import PartialState
 
     state = PartialState()
-    files = pool.image_files()
+    sources = pool.image_sources()
+    names = [source if isinstance(source, str) else path for source, path in zip(sources, pool.paths, strict=True)]
     fingerprint = model_fingerprint(model_name_or_path, prediction_size, precision, seed)
     cache = PredictionCache(cache_dir, fingerprint, state.process_index)
-    keys, stamps = [], []
-    for path in files:
-        key = os.path.abspath(path)
-        try:
-            stamp = file_stamp(path)
-        except OSError:
-            stamp = (-1,) * STAMP_FIELDS
-        keys.append(key)
-        stamps.append(stamp)
+    keys, stamps = _cache_keys(pool, sources)
     missing = [i for i, key in enumerate(keys) if cache.get(key, stamps[i]) is None]
     problems: dict[int, str] = {}
     inferred = 0
     if missing:
         mine = missing[state.process_index::state.num_processes]
-        logger.info(f"running {model_name_or_path} over {len(missing)} images ({len(files) - len(missing)} cached)")
+        logger.info(f"running {model_name_or_path} over {len(missing)} images ({len(sources) - len(missing)} cached)")
         model = load().to(state.device).eval()
         saved = [0]
 
@@ -355,7 +351,7 @@ def compute_model_scores(
                 cache.save_part()
 
         mean, std = _processor_statistics(model_name_or_path)
-        local = run_model_pass(model, [files[i] for i in mine], batch_size, prediction_size, state.device,
+        local = run_model_pass(model, [(sources[i], names[i]) for i in mine], batch_size, prediction_size, state.device,
                                autocast_dtype(precision, state.device), mean, std, keep, checkpoint)
         problems = {mine[position]: problem for position, problem in local.items()}
         inferred = len(mine)
@@ -367,8 +363,8 @@ def compute_model_scores(
         cache = PredictionCache(cache_dir, fingerprint, state.process_index)
     if state.num_processes > 1:
         problems = _gather_problems(problems)
-    verdicts = (SampleVerdict(files[i], UnreadableImageError, problems[i]) if i in problems else SampleVerdict("")
-                for i in range(len(files)))
+    verdicts = (SampleVerdict(names[i], UnreadableImageError, problems[i]) if i in problems else SampleVerdict("")
+                for i in range(len(sources)))
     keep_indices, _, skipped = sort_samples(verdicts, on_bad_sample, pool.source)
     entries = [cache.get(keys[i], stamps[i]) for i in keep_indices]
     histograms = np.stack([entry[0] for entry in entries]).astype(np.int64)
@@ -378,6 +374,20 @@ def compute_model_scores(
     stats = ClassStats(subset, histograms, skipped, inferred)
     return ModelScores(stats, uncertainty, embeddings, {"name": model_name_or_path, "fingerprint": fingerprint},
                        inferred)
+
+
+def _cache_keys(pool: CandidatePool, sources: list[str | bytes]) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Cache keys and stamps: a file's absolute path and `file_stamp`; a dataset row's fingerprint and path."""
+    if pool.records is None:
+        return [f"dataset:{pool.dataset._fingerprint}:{path}" for path in pool.paths], [(0,) * STAMP_FIELDS] * len(pool)
+    keys, stamps = [], []
+    for path in sources:
+        keys.append(os.path.abspath(path))
+        try:
+            stamps.append(file_stamp(path))
+        except OSError:
+            stamps.append((-1,) * STAMP_FIELDS)
+    return keys, stamps
 
 
 def _gather_problems(problems: dict[int, str]) -> dict[int, str]:

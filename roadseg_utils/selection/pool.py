@@ -18,6 +18,7 @@ from ..data import (
     find_records,
     load_segmentation_dataset,
 )
+from ..data.hf_source import load_hf_train_images
 from ..data.layouts import find_image_folder
 from ..labels import LabelSet
 
@@ -43,17 +44,11 @@ class CandidatePool:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def image_files(self) -> list[str]:
-        """Each image's file, for the model pass; a dataset must keep its images as files (an image folder or a
-        dataset loaded from files)."""
+    def image_sources(self) -> list[str | bytes]:
+        """Each image as a file path or its stored bytes (a dataset's undecoded image column), for the model pass."""
         if self.records is not None:
             return [record.image_path for record in self.records]
-        files = [_file_of(value) for value in dataset_column(self.dataset.cast_column("image", _undecoded()), "image")]
-        missing = sum(file is None for file in files)
-        if missing:
-            raise DataError(f"{self.source}: {missing} images are stored as bytes, not files; the model pass reads "
-                            "image files (save them to a folder and pass --image_dir)")
-        return files
+        return [value.get("bytes") or value.get("path") for value in dataset_column(self.dataset, "image")]
 
     def subset(self, indices: Sequence[int]) -> CandidatePool:
         """The pool restricted to ``indices`` (kept in the given order)."""
@@ -64,17 +59,6 @@ class CandidatePool:
             records=[self.records[i] for i in indices] if self.records is not None else None,
             dataset=self.dataset.select(indices) if self.dataset is not None else None,
         )
-
-
-def _undecoded() -> datasets.Image:
-    import datasets
-
-    return datasets.Image(decode=False)
-
-
-def _file_of(value: object) -> str | None:
-    path = value.get("path") if isinstance(value, dict) else None
-    return path if path and not (isinstance(value, dict) and value.get("bytes")) else None
 
 
 def load_candidate_pool(
@@ -95,6 +79,8 @@ def load_candidate_pool(
         records = _subsample(find_image_folder(folder), data_args.max_samples, seed)
         return CandidatePool([r.path for r in records], [r.sequence for r in records], source, records=records)
     kind = data_args.source_kind()
+    if kind == "hf" and not require_labels:
+        return _dataset_pool(load_hf_train_images(data_args), data_args.max_samples, seed, source)
     if kind in ("idd", "flat"):
         found = find_records(data_args, label_set, include_unlabeled=not require_labels)
         records = [r for r in found if (r.split or "train") == "train"]
@@ -103,9 +89,16 @@ def load_candidate_pool(
         records = _subsample(records, data_args.max_samples, seed)
         return CandidatePool([r.path for r in records], [r.sequence for r in records], source, records=records)
     pool_args = replace(data_args, train_fraction=1.0, val_fraction=0.0, test_fraction=0.0)
-    dataset = load_segmentation_dataset(pool_args, label_set, seed)["train"]
+    return _dataset_pool(load_segmentation_dataset(pool_args, label_set, seed)["train"], None, seed, source)
+
+
+def _dataset_pool(dataset: datasets.Dataset, max_samples: int | None, seed: int, source: str) -> CandidatePool:
+    """A dataset's rows as a pool sorted by ``path`` (a seeded ``max_samples`` subset first, where given)."""
     if len(dataset) == 0:
         raise EmptyDatasetError(f"{source}: the train split is empty, nothing to rank")
+    if max_samples is not None and len(dataset) > max_samples:
+        rng = np.random.default_rng((seed, SUBSAMPLE_SALT))
+        dataset = dataset.select(np.sort(rng.choice(len(dataset), max_samples, replace=False)).tolist())
     paths = [str(p) for p in dataset_column(dataset, "path")]
     if len(set(paths)) != len(paths):
         raise DataError(f"{source}: the path column holds duplicates, so rows cannot be told apart in a manifest")
