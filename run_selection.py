@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
@@ -66,6 +67,7 @@ from roadseg_utils.selection import (
     load_candidate_pool,
     materialize_dataset,
     materialize_files,
+    process_state,
     push_subset_to_hub,
     remove_stale_staging,
     render_report,
@@ -162,6 +164,19 @@ def _model_scores(pool: CandidatePool, label_set: LabelSet, selection_args: Sele
         on_bad_sample, selection_args.seed)
 
 
+def _share_model_pass(data_args: DataSourceArguments, selection_args: SelectionArguments, label_set: LabelSet,
+                      cache_dir: Path, state: PartialState) -> dict[str, object]:
+    """A process other than the main one under ``accelerate launch``: infer its shard of the pool, write nothing."""
+    from_labels = selection_args.label_source == "labels"
+    pool = load_candidate_pool(data_args, label_set, selection_args.seed, require_labels=from_labels)
+    state.wait_for_everyone()  # the main process has checked every sample and cached the verdicts
+    if from_labels:
+        pool = compute_class_stats(pool, label_set, cache_dir / CACHE_FILE, data_args.num_workers,
+                                   data_args.on_bad_sample, progress=False).pool
+    _model_scores(pool, label_set, selection_args, cache_dir, data_args.on_bad_sample)
+    return {}
+
+
 def _read_study(path: str | None) -> dict[str, object] | None:
     """The study results of --study_results, checked before any work."""
     if path is None:
@@ -190,6 +205,9 @@ def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> d
     if cache_path.exists() and not cache_path.is_file():
         raise SelectionError(f"{cache_path}: is not a file, so the histogram cache cannot be written there")
     target = _materialize_target(data_args, selection_args, output_dir, cache_dir)
+    state = process_state() if selection_args.needs_model() else None
+    if state is not None and not state.is_main_process:
+        return _share_model_pass(data_args, selection_args, label_set, cache_dir, state)
     with ExitStack() as held:
         held.enter_context(OutputLock(output_dir, SCRIPT))
         if target is not None and target.parent != output_dir.resolve():
@@ -203,7 +221,8 @@ def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> d
         model_scores = None
         if from_labels:
             stats = compute_class_stats(pool, label_set, cache_path, data_args.num_workers, data_args.on_bad_sample)
-        if selection_args.needs_model():
+        if state is not None:
+            state.wait_for_everyone()  # the other processes read the checked samples from the cache
             model_scores = _model_scores(stats.pool if from_labels else pool, label_set, selection_args, cache_dir,
                                          data_args.on_bad_sample)
             stats = _with_model_skips(stats, model_scores) if from_labels else model_scores.stats
@@ -306,8 +325,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     except KeyboardInterrupt:
         print(f"error: interrupted; rerun the same command to complete {selection_args.output_dir}", file=sys.stderr)
         sys.exit(130)
-    print(f"selected {outputs['num_selected']} of {outputs['num_candidates']} images: {outputs['manifest']}, "
-          f"{outputs['report']}")
+    if outputs:  # empty on the helper processes of accelerate launch
+        print(f"selected {outputs['num_selected']} of {outputs['num_candidates']} images: {outputs['manifest']}, "
+              f"{outputs['report']}")
     return outputs
 
 

@@ -82,6 +82,7 @@ from .model_scores import (
     check_model_labels,
     compute_model_scores,
     model_fingerprint,
+    process_state,
 )
 from .pool import SUBSAMPLE_SALT, CandidatePool, load_candidate_pool
 from .report import PLOT_FILES, REPORT_FILE, render_report, strategy_comparison, study_section, write_plots
@@ -110,6 +111,7 @@ from .strategies import (
 )
 
 __all__ = [
+    "process_state",
     "study_section",
     "diversity_order",
     "LABEL_SOURCES",

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from transformers.utils import logging
 
@@ -298,6 +300,12 @@ def run_model_pass(
     return problems
 
 
+def process_state() -> PartialState:
+    """This process's place under ``accelerate launch`` (one process without it); CPU processes when there is no GPU
+    or ACCELERATE_USE_CPU is set, as `Accelerator` decides."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 def _processor_statistics(model_name_or_path: str) -> tuple[Sequence[float], Sequence[float]]:
     config = Path(model_name_or_path).expanduser() / "preprocessor_config.json"
     if config.is_file():
@@ -324,9 +332,7 @@ def compute_model_scores(
     process infers every n-th missing image. An unreadable image raises `UnreadableImageError` naming it, or with
     ``on_bad_sample="skip"`` is left out and counted.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     sources = pool.image_sources()
     names = [source if isinstance(source, str) else path for source, path in zip(sources, pool.paths, strict=True)]
     fingerprint = model_fingerprint(model_name_or_path, prediction_size, precision, seed)
