@@ -237,3 +237,31 @@ def test_hf_dataset_without_label_column(tree: Path, sharpened_tiny_model, tmp_p
     np.testing.assert_array_equal(scores.stats.histograms, from_files.stats.histograms)
     again = compute_model_scores(pool, LABEL_SET, "m", tmp_path / "c", lambda: None, prediction_size=32)
     assert again.inferred == 0
+
+
+def test_two_processes_share_the_model_pass(tree: Path, model_folder: Path, tmp_path: Path) -> None:
+    """Under accelerate launch (2 gloo CPU processes) each infers half the pool; the outputs equal one process's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    unlabelled = tmp_path / "tree"
+    shutil.copytree(tree / "leftImg8bit", unlabelled / "leftImg8bit")
+    args = ["--data_dir", str(unlabelled), "--label_source", "model", "--model_name_or_path", str(model_folder),
+            "--num_images", "6", "--prediction_size", "32", "--strategy", "diversity", "--no_plots"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "run_selection.py", *args, "--output_dir", str(tmp_path / "two")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(launch, cwd=Path(run_selection.__file__).parent, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ranked 24 images (12 samples checked" in done.stderr  # the main process inferred its half
+    run_selection.main([*args, "--output_dir", str(tmp_path / "one")])
+    rows = [json.loads((tmp_path / name / "manifest.json").read_text())["rows"] for name in ("two", "one")]
+    assert rows[0] == rows[1]
+    assert not list((tmp_path / "two").glob("model_predictions.part*.npz"))
