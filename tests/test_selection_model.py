@@ -265,3 +265,21 @@ def test_two_processes_share_the_model_pass(tree: Path, model_folder: Path, tmp_
     rows = [json.loads((tmp_path / name / "manifest.json").read_text())["rows"] for name in ("two", "one")]
     assert rows[0] == rows[1]
     assert not list((tmp_path / "two").glob("model_predictions.part*.npz"))
+
+
+def test_report_places_the_strategy_in_the_study(tree: Path, tmp_path: Path) -> None:
+    rows = [{"strategy": name, "runs": runs, "miou_mean": mean, "miou_std": std, "rare_iou_mean": 0.1,
+             "train_seconds": 10.0} for name, runs, mean, std in
+            (("random", 3, 0.30, 0.02), ("weighted", 1, 0.25, 0.0), ("all", 1, 0.40, 0.0))]
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"budget": 8, "pool_size": 24, "results": rows}))
+    run_selection.main(["--data_dir", str(tree), "--num_images", "8", "--output_dir", str(tmp_path / "out"),
+                        "--study_results", str(study), "--no_plots"])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| weighted (this run's strategy) | 1 | 0.2500 ± 0.0000 |" in report
+    assert ("**weighted** ranks 3 of 3 by test mIoU; -0.0500 against random, below random's seed-to-seed "
+            "spread") in report
+    study.write_text("[]")
+    with pytest.raises(SystemExit, match="not a study"):
+        run_selection.main(["--data_dir", str(tree), "--num_images", "8", "--output_dir", str(tmp_path / "out"),
+                            "--study_results", str(study)])

@@ -186,7 +186,9 @@ def render_report(selection: Selection, label_set: LabelSet, plots: Sequence[str
         in_pool, in_subset = per_sequence[sequence]
         lines.append(f"| {sequence} | {in_pool} | {in_subset} | {_share(in_subset, in_pool)} |")
     if study is not None:
-        lines += study_section(study, header["strategy"])
+        # The study names the weighted score from predictions apart from the one from labels.
+        from_model = header["strategy"] == "weighted" and header.get("label_source") == "model"
+        lines += study_section(study, "weighted_model" if from_model else header["strategy"])
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
