@@ -17,6 +17,11 @@ RUN_INCOMPLETE until every output is written, so a killed run, rerun, ends with 
 and label histograms are cached in the output folder, so a rerun with other weights or another budget reads no image
 and decodes no label map. The split options of the data source (--train_fraction, --val_fraction, --test_fraction,
 --split_by) do not apply here; --num_workers sets the processes that check samples.
+
+With --label_source model --model_name_or_path M the histograms come from the maps M predicts (no masks needed:
+an IDD leftImg8bit tree alone, --image_dir alone, a dataset without labels); --delta weighs M's uncertainty and
+--strategy diversity picks by k-center greedy on M's encoder embeddings. One cached model pass gives all three;
+`accelerate launch run_selection.py ...` shards it across processes.
 """
 
 from __future__ import annotations
