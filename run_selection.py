@@ -36,6 +36,7 @@ import logging as std_logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -148,8 +149,8 @@ def _check_rare_classes(selection_args: SelectionArguments, label_set: LabelSet)
         resolve_rare_classes(np.ones(label_set.num_labels), label_set, selection_args.rare_classes)
 
 
-def _model_loader(selection_args: SelectionArguments, label_set: LabelSet):  # noqa: ANN202
-    """Builds the model of the model pass when it is first needed (never when every prediction is cached)."""
+def _model_loader(selection_args: SelectionArguments, label_set: LabelSet) -> Callable[[], torch.nn.Module]:
+    """What builds the model of the model pass when it is first needed (never when every prediction is cached)."""
     name = selection_args.model_name_or_path
 
     def load() -> torch.nn.Module:
@@ -245,9 +246,11 @@ def run(data_args: DataSourceArguments, selection_args: SelectionArguments) -> d
                     outputs["subset"] = target
         except OSError as err:  # a full or failing disk: name the folder, whichever file it was
             raise SelectionError(f"{output_dir}: cannot write the outputs ({err})") from err
+    inferred = f", {model_scores.inferred} run through the model here" if model_scores else ""
     logger.info(
         f"ranked {len(stats.pool)} images ({stats.decoded} samples checked, {len(stats.pool) - stats.decoded} "
-        f"from the cache), selected {len(chosen)} by {selection_args.strategy} in {time.perf_counter() - start:.2f} s"
+        f"from the cache{inferred}), selected {len(chosen)} by {selection_args.strategy} in "
+        f"{time.perf_counter() - start:.2f} s"
     )
     outputs.update(num_candidates=len(stats.pool), num_selected=len(chosen), decoded=stats.decoded)
     if selection_args.push_to_hub:
