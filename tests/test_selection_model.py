@@ -283,3 +283,16 @@ def test_report_places_the_strategy_in_the_study(tree: Path, tmp_path: Path) -> 
     with pytest.raises(SystemExit, match="not a study"):
         run_selection.main(["--data_dir", str(tree), "--num_images", "8", "--output_dir", str(tmp_path / "out"),
                             "--study_results", str(study)])
+
+
+def test_uncertainty_term_is_zero_at_delta_zero() -> None:
+    from roadseg_utils.selection import weighted_score
+
+    rng = np.random.default_rng(0)
+    cds, rcs, ics, uncertainty = (rng.random(50) for _ in range(4))
+    three = weighted_score(cds, rcs, ics, 0.4, 0.4, 0.2)
+    np.testing.assert_array_equal(weighted_score(cds, rcs, ics, 0.4, 0.4, 0.2, uncertainty, 0.0), three)
+    four = weighted_score(cds, rcs, ics, 0.4, 0.4, 0.2, uncertainty, 0.5)
+    np.testing.assert_allclose(four - three, 0.5 * uncertainty / uncertainty.max())
+    with pytest.raises(SelectionError, match="no uncertainty"):
+        weighted_score(cds, rcs, ics, 0.4, 0.4, 0.2, None, 0.5)
