@@ -182,10 +182,17 @@ def test_image_folder_without_masks(tree: Path, model_folder: Path, tmp_path: Pa
     assert len(rows) == 24 and sum(row["selected"] for row in rows) == 5
 
 
-def test_model_with_other_labels_is_one_line(model_folder: Path) -> None:
+def test_model_with_other_labels_is_one_line(model_folder: Path, tree: Path, tmp_path: Path) -> None:
     with pytest.raises(SelectionError, match="labels differ from --label_set idd-level1"):
         check_model_labels(str(model_folder), get_label_set("idd-level1"))
     check_model_labels(str(model_folder), LABEL_SET)
+    # A model whose config is only seen once it is loaded (a Hub id) is checked then, before any inference.
+    from roadseg_utils.modeling import load_model
+
+    pool = load_candidate_pool(DataSourceArguments(data_dir=str(tree)), LABEL_SET)
+    with pytest.raises(SelectionError, match="26 classes, 7 expected"):
+        compute_model_scores(pool, get_label_set("idd-level1"), "hub/model", tmp_path,
+                             lambda: load_model("tiny", LABEL_SET))
 
 
 def test_diversity_picks_distinct_images_from_both_clusters() -> None:

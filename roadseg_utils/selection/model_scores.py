@@ -345,6 +345,7 @@ def compute_model_scores(
         mine = missing[state.process_index::state.num_processes]
         logger.info(f"running {model_name_or_path} over {len(missing)} images ({len(sources) - len(missing)} cached)")
         model = load().to(state.device).eval()
+        _check_loaded_labels(model, model_name_or_path, label_set)
         saved = [0]
 
         def keep(position: int, histogram: np.ndarray, uncertainty: float, embedding: np.ndarray) -> None:
@@ -380,6 +381,14 @@ def compute_model_scores(
     stats = ClassStats(subset, histograms, skipped, inferred)
     return ModelScores(stats, uncertainty, embeddings, {"name": model_name_or_path, "fingerprint": fingerprint},
                        inferred)
+
+
+def _check_loaded_labels(model: torch.nn.Module, model_name_or_path: str, label_set: LabelSet) -> None:
+    """A loaded model (e.g. from the Hub, whose config was not read before) must predict ``label_set``'s classes."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if id2label is not None and {int(k): str(v) for k, v in id2label.items()} != dict(label_set.id2label):
+        raise SelectionError(f"--model_name_or_path {model_name_or_path}: its labels differ from --label_set "
+                             f"{label_set.name} ({len(id2label)} classes, {label_set.num_labels} expected)")
 
 
 def _cache_keys(pool: CandidatePool, sources: list[str | bytes]) -> tuple[list[str], list[tuple[int, ...]]]:
