@@ -152,6 +152,12 @@ def test_unreadable_image_is_named_or_skipped(tree: Path, tmp_path: Path, sharpe
     kept = compute_model_scores(pool, LABEL_SET, "m", tmp_path / "c", lambda: sharpened_tiny_model,
                                 prediction_size=32, on_bad_sample="skip")
     assert len(kept.stats.pool) == len(pool) - 1 and [name for name, _ in kept.stats.skipped] == [str(bad)]
+    # The problem is cached with the predictions: a rerun loads no model, and reports the image the same way.
+    again = compute_model_scores(pool, LABEL_SET, "m", tmp_path / "c", lambda: None, prediction_size=32,
+                                 on_bad_sample="skip")
+    assert again.inferred == 0 and [name for name, _ in again.stats.skipped] == [str(bad)]
+    with pytest.raises(UnreadableImageError, match=bad.name):
+        compute_model_scores(pool, LABEL_SET, "m", tmp_path / "c", lambda: None, prediction_size=32)
 
 
 def test_selection_without_masks_writes_manifest_report_and_plots(tree: Path, model_folder: Path, tmp_path: Path,

@@ -47,7 +47,7 @@ from .pool import CandidatePool
 logger = logging.get_logger(__name__)
 
 PREDICTION_CACHE = "model_predictions.npz"
-PREDICTION_CACHE_VERSION = 1
+PREDICTION_CACHE_VERSION = 2  # 2: unreadable images kept with their problem
 DEFAULT_PREDICTION_SIZE = 256
 # Mask2Former predicts mask logits at a quarter of the input side; the input is padded to a multiple of 32.
 MASK_STRIDE = 4
@@ -55,7 +55,7 @@ SIZE_DIVISOR = 32
 # Batches between cache saves: an interrupted pass loses at most this many batches.
 SAVE_EVERY = 8
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_ARRAYS = ("version", "fingerprint", "keys", "stamps", "histograms", "uncertainty", "embeddings")
+_ARRAYS = ("version", "fingerprint", "keys", "stamps", "histograms", "uncertainty", "embeddings", "problems")
 # ImageNet statistics, the default of Mask2Former's image processor (a checkpoint's own processor may differ).
 _DEFAULT_MEAN = (0.485, 0.456, 0.406)
 _DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -112,11 +112,12 @@ def check_model_labels(model_name_or_path: str, label_set: LabelSet) -> None:
 
 
 class PredictionCache:
-    """Histograms, uncertainty and embeddings keyed by image file and stamp, for one model fingerprint."""
+    """Histograms, uncertainty and embeddings keyed by image file and stamp, for one model fingerprint; an image that
+    cannot be decoded is kept with its problem (an empty problem: a good image), so a rerun loads no model for it."""
 
     def __init__(self, folder: Path, fingerprint: str, rank: int = 0) -> None:
         self.folder, self.fingerprint, self.rank = folder, fingerprint, rank
-        self.entries: dict[str, tuple[tuple[int, ...], np.ndarray, float, np.ndarray]] = {}
+        self.entries: dict[str, tuple[tuple[int, ...], np.ndarray, float, np.ndarray | None, str]] = {}
         for path in [folder / PREDICTION_CACHE, *sorted(folder.glob("model_predictions.part*.npz"))]:
             self._read(path)
         self._dirty = False
@@ -136,22 +137,27 @@ class PredictionCache:
             return
         for i, key in enumerate(arrays["keys"].tolist()):
             self.entries[key] = (tuple(arrays["stamps"][i].tolist()), arrays["histograms"][i],
-                                 float(arrays["uncertainty"][i]), arrays["embeddings"][i])
+                                 float(arrays["uncertainty"][i]), arrays["embeddings"][i], str(arrays["problems"][i]))
 
-    def get(self, key: str, stamp: tuple[int, ...]) -> tuple[np.ndarray, float, np.ndarray] | None:
-        """The entry of a file whose stamp is unchanged, else None."""
+    def get(self, key: str, stamp: tuple[int, ...]) -> tuple[np.ndarray, float, np.ndarray | None, str] | None:
+        """(histogram, uncertainty, embedding, problem) of a file whose stamp is unchanged, else None."""
         entry = self.entries.get(key)
         return entry[1:] if entry is not None and entry[0] == stamp else None
 
     def add(self, key: str, stamp: tuple[int, ...], histogram: np.ndarray, uncertainty: float,
             embedding: np.ndarray) -> None:
-        """Remember one image's results (written by `save`)."""
-        self.entries[key] = (stamp, histogram, uncertainty, embedding)
+        """Remember one image's results (written by `save_part`)."""
+        self.entries[key] = (stamp, histogram, uncertainty, embedding, "")
+        self._dirty = True
+
+    def add_problem(self, key: str, stamp: tuple[int, ...], problem: str) -> None:
+        """Remember why an image cannot be decoded (written by `save_part`)."""
+        self.entries[key] = (stamp, np.zeros(256, np.int64), float("nan"), None, problem)
         self._dirty = True
 
     def _write(self, path: Path, keys: list[str]) -> None:
-        embeddings = [self.entries[k][3] for k in keys]
-        width = embeddings[0].shape[0] if embeddings else 0
+        width = next((self.entries[k][3].shape[0] for k in keys if self.entries[k][3] is not None), 0)
+        embeddings = [self.entries[k][3] if self.entries[k][3] is not None else np.zeros(width) for k in keys]
         write_atomically(path, lambda stream: np.savez(
             stream, version=np.int64(PREDICTION_CACHE_VERSION), fingerprint=np.array(self.fingerprint),
             keys=np.array(keys, dtype=str),
@@ -159,6 +165,7 @@ class PredictionCache:
             histograms=np.array([self.entries[k][1] for k in keys], dtype=np.int64).reshape(-1, 256),
             uncertainty=np.array([self.entries[k][2] for k in keys], dtype=np.float64),
             embeddings=np.array(embeddings, dtype=np.float32).reshape(-1, width),
+            problems=np.array([self.entries[k][4] for k in keys], dtype=str),
         ))
 
     def save_part(self) -> None:
@@ -361,6 +368,9 @@ def compute_model_scores(
         local = run_model_pass(model, [(sources[i], names[i]) for i in mine], batch_size, prediction_size, state.device,
                                autocast_dtype(precision, state.device), mean, std, keep, checkpoint)
         problems = {mine[position]: problem for position, problem in local.items()}
+        for index, problem in problems.items():
+            if stamps[index][0] >= 0:  # a file that could not even be stat'ed is tried again next time
+                cache.add_problem(keys[index], stamps[index], problem)
         inferred = len(mine)
         cache.save_part()
         state.wait_for_everyone()
@@ -370,6 +380,10 @@ def compute_model_scores(
         cache = PredictionCache(cache_dir, fingerprint, state.process_index)
     if state.num_processes > 1:
         problems = _gather_problems(problems)
+    for index, key in enumerate(keys):
+        entry = cache.get(key, stamps[index])
+        if entry is not None and entry[3]:  # an image whose problem is cached
+            problems[index] = entry[3]
     verdicts = (SampleVerdict(names[i], UnreadableImageError, problems[i]) if i in problems else SampleVerdict("")
                 for i in range(len(sources)))
     keep_indices, _, skipped = sort_samples(verdicts, on_bad_sample, pool.source)
