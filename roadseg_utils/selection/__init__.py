@@ -19,7 +19,9 @@ rare class, and counting classes and sequence sizes pushes the same way, so clas
 ``score = alpha * cds / max(cds) + beta * rcs / max(rcs) + gamma * ics / max(ics)`` (a term whose maximum is 0 is
 0), plus ``delta * uncertainty / max(uncertainty)`` when a model's uncertainty is weighed (``delta`` > 0). With
 ``label_source="model"`` the histograms are those of the maps a model predicts (`model_scores`), so the pool needs
-no masks. The manifest (docs/DESIGN.md) holds one row per pool image; ``selected_paths(manifest)`` gives the ``path`` ids
+no masks.
+
+The manifest (docs/DESIGN.md) holds one row per pool image; ``selected_paths(manifest)`` gives the ``path`` ids
 of the chosen rows, the same ids as the dataset's ``path`` column (`SampleRecord.path`: relative to the data root),
 so ``run_finetune.py --selection_manifest`` keeps exactly those rows of its train split.
 
