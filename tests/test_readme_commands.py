@@ -47,6 +47,8 @@ NOT_RUN: dict[str, str] = {
     "make demo": "the Makefile's 2-minute demo; the marked blocks run the same scripts on the same synthetic scenes",
     "make test": "runs the whole test suite, this test included",
     "python run_selection.py --data_dir data/idd ": "needs the real IDD tree in data/idd",
+    "accelerate launch run_selection.py --data_dir data/idd ": "needs the real IDD tree in data/idd and GPUs",
+    "python -m benchmarks.selection_study": "fine-tunes eight models, about 19 minutes on 2 cores (BENCHMARKS.md)",
     "python run_selection.py --data_dir data/idd --num_images 1500 --output_dir runs/sel --push_to_hub":
         "needs the real IDD tree in data/idd and the Hub (with a token) to publish",
     "python run_finetune.py --data_dir data/idd ": IDD_AND_HUB + "; its '...' stands for the user's other options",

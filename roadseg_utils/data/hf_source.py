@@ -149,6 +149,11 @@ def _prepare_hf_split(
             # orientation, integrity, modes, lossless masks); a bad row then raises its BadSampleError, not a PIL
             # error from inside datasets. The table is not copied.
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return _with_path_and_sequence(dataset, split, args)
+
+
+def _with_path_and_sequence(dataset: datasets.Dataset, split: str, args: DataSourceArguments) -> datasets.Dataset:
+    """Add the contract's ``path`` (file path relative to the dataset, else split/index) and ``sequence`` columns."""
     files = _hf_image_files(dataset)
     root = Path(args.dataset_name).expanduser()
     if "path" not in dataset.column_names:
@@ -164,6 +169,27 @@ def _prepare_hf_split(
         sequences = [PurePosixPath(f.replace(os.sep, "/")).parent.name or default if f else default for f in files]
         dataset = dataset.add_column("sequence", sequences)
     return dataset
+
+
+def load_hf_train_images(args: DataSourceArguments) -> datasets.Dataset:
+    """The train split's images (undecoded) with ``path`` and ``sequence``, no label column needed: a pool that a
+    model scores by its predictions."""
+    import datasets
+    train = _load_hf_source(args).get("train")
+    if train is None:
+        raise DataError(f"{args.dataset_name}: no train split to rank")
+    source = f"{args.dataset_name} [train]"
+    if args.image_column not in train.column_names:
+        raise DataError(f"{source}: no image column {args.image_column!r}; columns are {train.column_names} "
+                        "(set --image_column)")
+    extra = [c for c in ("path", "sequence") if c in train.column_names and c != args.image_column]
+    train = train.select_columns([args.image_column, *extra])
+    if args.image_column != "image":
+        train = train.rename_column(args.image_column, "image")
+    if not isinstance(train.features["image"], datasets.Image):
+        raise DataError(f"{source}: column {args.image_column!r} holds {train.features['image']}, not images")
+    train = train.cast_column("image", datasets.Image(decode=False))
+    return _with_path_and_sequence(train, "train", args)
 
 
 def _hf_tasks(dataset: datasets.Dataset, chunk_size: int) -> Iterator[list[tuple[Any, Any, str]]]:

@@ -84,15 +84,19 @@ def _writable(folder: Path) -> bool:
 def label_cache_path(args: DataSourceArguments) -> Path:
     """The label cache of ``args``' source: in --label_cache_dir, else in the tree (or, read-only, the HF cache).
 
-    The tree is --data_dir, or --mask_dir for image/mask folders without one; a Hugging Face dataset or pickle
+    The tree is --data_dir, or --mask_dir for image/mask folders without one (--image_dir for images alone, whose
+    model predictions selection keeps there); a Hugging Face dataset or pickle
     has its cache under the Hugging Face datasets cache, named by the source.
     """
     if args.label_cache_dir is not None:
         return Path(args.label_cache_dir).expanduser() / CACHE_FILE
-    kind = args.source_kind()
-    if kind in ("hf", "pickle"):
+    if args.image_dir is not None and args.mask_dir is None and args.data_dir is None:
+        tree = Path(args.image_dir)  # images alone, which selection ranks from a model's predictions
+    elif args.source_kind() in ("hf", "pickle"):
         return _fallback_dir(Path(args.describe_source())) / CACHE_FILE
-    tree = Path(args.data_dir if args.data_dir is not None else args.mask_dir).expanduser().resolve()
+    else:
+        tree = Path(args.data_dir if args.data_dir is not None else args.mask_dir)
+    tree = tree.expanduser().resolve()
     folder = tree / CACHE_FOLDER
     return (folder if _writable(folder) else _fallback_dir(tree)) / CACHE_FILE
 

@@ -154,3 +154,19 @@ def find_records(
             "<frame>_leftImg8bit.png|jpg with gtFine/, or images in --image_dir with masks in --mask_dir)"
         )
     return sorted(records, key=lambda r: r.path)
+
+
+def find_image_folder(image_dir: str | os.PathLike[str]) -> list[SampleRecord]:
+    """Every image under a folder of images without masks, sorted by ``path`` (relative to the folder); the first
+    sub-folder level is the sequence. For scoring by a model's predictions."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder does not exist")
+    records = []
+    for image_path in _walk_images(root):
+        relative = image_path.relative_to(root)
+        sequence = relative.parts[0] if len(relative.parts) > 1 else root.name
+        records.append(SampleRecord(str(image_path), None, sequence, None, relative.as_posix()))
+    if not records:
+        raise EmptyDatasetError(f"{root}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+    return records

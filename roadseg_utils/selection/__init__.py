@@ -17,7 +17,11 @@ rare class, and counting classes and sequence sizes pushes the same way, so clas
 (guard rails on highways) end up under-represented, below a random subset of the same size.
 
 ``score = alpha * cds / max(cds) + beta * rcs / max(rcs) + gamma * ics / max(ics)`` (a term whose maximum is 0 is
-0). The manifest (docs/DESIGN.md) holds one row per pool image; ``selected_paths(manifest)`` gives the ``path`` ids
+0), plus ``delta * uncertainty / max(uncertainty)`` when a model's uncertainty is weighed (``delta`` > 0). With
+``label_source="model"`` the histograms are those of the maps a model predicts (`model_scores`), so the pool needs
+no masks.
+
+The manifest (docs/DESIGN.md) holds one row per pool image; ``selected_paths(manifest)`` gives the ``path`` ids
 of the chosen rows, the same ids as the dataset's ``path`` column (`SampleRecord.path`: relative to the data root),
 so ``run_finetune.py --selection_manifest`` keeps exactly those rows of its train split.
 
@@ -28,7 +32,8 @@ files' paths and stamps (size, mtime, ctime, inode), so a rerun with other weigh
 and decodes no label map, and a replaced file is always checked again.
 
 Modules: `arguments` (options and modes), `pool` (the training pool), `class_stats` (sample checks
-and label histograms), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and
+and label histograms), `model_scores` (predicted histograms, uncertainty and embeddings from one model pass,
+cached), `diversity` (k-center greedy), `scoring` (CDS, RCS, ICS, budget, rare set), `strategies` (orders and
 `select_images`), `manifest`, `report` (report.md and plots) and `export` (writing the subset, pushing it to the Hub).
 """
 
@@ -37,6 +42,7 @@ from .arguments import (
     CDS_MODES,
     DEFAULT_NUM_IMAGES,
     ICS_MODES,
+    LABEL_SOURCES,
     MATERIALIZE_MODES,
     RCS_MODES,
     STRATEGIES,
@@ -46,6 +52,7 @@ from .arguments import (
     check_weights,
 )
 from .class_stats import HISTOGRAM_CHUNK, ClassStats, compute_class_stats
+from .diversity import k_center_greedy
 from .export import (
     SUBSET_MARKER,
     check_materialize_target,
@@ -66,8 +73,18 @@ from .manifest import (
     selected_paths,
     write_manifest,
 )
+from .model_scores import (
+    DEFAULT_PREDICTION_SIZE,
+    PREDICTION_CACHE,
+    ModelScores,
+    PredictionCache,
+    check_model_labels,
+    compute_model_scores,
+    model_fingerprint,
+    process_state,
+)
 from .pool import SUBSAMPLE_SALT, CandidatePool, load_candidate_pool
-from .report import PLOT_FILES, REPORT_FILE, render_report, strategy_comparison, write_plots
+from .report import PLOT_FILES, REPORT_FILE, render_report, strategy_comparison, study_section, write_plots
 from .scoring import (
     FORMULA,
     class_diversity,
@@ -84,6 +101,7 @@ from .strategies import (
     RANDOM_SALT,
     RARE_CLASS_SALT,
     Selection,
+    diversity_order,
     random_order,
     rare_class_sampling_order,
     select_images,
@@ -92,6 +110,18 @@ from .strategies import (
 )
 
 __all__ = [
+    "process_state",
+    "study_section",
+    "diversity_order",
+    "LABEL_SOURCES",
+    "k_center_greedy",
+    "model_fingerprint",
+    "compute_model_scores",
+    "check_model_labels",
+    "PredictionCache",
+    "ModelScores",
+    "PREDICTION_CACHE",
+    "DEFAULT_PREDICTION_SIZE",
     "CACHE_FILE",
     "CACHE_VERSION",
     "CDS_MODES",

@@ -12,7 +12,9 @@ import numpy as np
 
 from ..data import DataError
 
-STRATEGIES = ("weighted", "random", "rare_class_sampling")
+STRATEGIES = ("weighted", "random", "rare_class_sampling", "diversity")
+LABEL_SOURCES = ("labels", "model")
+MODEL_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CDS_MODES = ("count", "entropy")
 RCS_MODES = ("neglog", "count")
 ICS_MODES = ("count", "inverse")
@@ -24,14 +26,14 @@ class SelectionError(DataError):
     """A selection option is invalid or does not fit the data (scripts print it as one line)."""
 
 
-def check_weights(alpha: float, beta: float, gamma: float) -> None:
+def check_weights(alpha: float, beta: float, gamma: float, delta: float = 0.0) -> None:
     """Raise `SelectionError` unless the score weights are finite, >= 0 and not all 0."""
-    values = {"alpha": alpha, "beta": beta, "gamma": gamma}
+    values = {"alpha": alpha, "beta": beta, "gamma": gamma, "delta": delta}
     bad = [f"{name}={value}" for name, value in values.items() if not (np.isfinite(value) and value >= 0)]
     if bad:
         raise SelectionError(f"weights must be finite and >= 0, got {', '.join(bad)}")
-    if alpha == beta == gamma == 0:
-        raise SelectionError("alpha, beta and gamma are all 0: at least one weight must be positive")
+    if alpha == beta == gamma == delta == 0:
+        raise SelectionError("alpha, beta, gamma and delta are all 0: at least one weight must be positive")
 
 
 @dataclass
@@ -54,12 +56,49 @@ class SelectionArguments:
         metadata={"help": "weighted: top K by the weighted score (ties: path ascending); random: K images drawn "
                   "uniformly; rare_class_sampling: draw a class with probability proportional to "
                   "exp((1 - f_c) / T), then an unpicked image containing it, until K are picked. "
-                  "report.md compares all three at the same K.",
+                  "diversity: k-center greedy (core-set) over embeddings pooled from the model's frozen encoder "
+                  "(needs --model_name_or_path). report.md compares them at the same K.",
                   "choices": list(STRATEGIES)},
     )
     alpha: float = field(default=0.4, metadata={"help": "Weight of CDS (class diversity), >= 0."})
     beta: float = field(default=0.4, metadata={"help": "Weight of RCS (rare-class score), >= 0."})
     gamma: float = field(default=0.2, metadata={"help": "Weight of ICS (sequence size), >= 0."})
+    delta: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the model's uncertainty (mean per-pixel entropy of its class probabilities), "
+                  ">= 0; needs --model_name_or_path. 0 keeps the three-term score exact."},
+    )
+    label_source: str = field(
+        default="labels",
+        metadata={"help": "Where class histograms come from: 'labels' (the masks) or 'model' (the maps "
+                  "--model_name_or_path predicts at --prediction_size; no masks needed).",
+                  "choices": list(LABEL_SOURCES)},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model for --label_source model, --delta > 0 or --strategy diversity: a fine-tuned folder "
+                  "or Hub id (or 'tiny'). Its predictions are cached, keyed by file and model fingerprint."},
+    )
+    per_device_batch_size: int = field(default=8, metadata={"help": "Images per forward pass of the model pass."})
+    prediction_size: int = field(
+        default=256,
+        metadata={"help": "Shortest edge images are decoded at for the model pass; histograms are counted on the "
+                  "mask-logit grid, a quarter of that side."},
+    )
+    model_precision: str = field(
+        default="auto",
+        metadata={"help": "Model pass precision: auto = bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU.",
+                  "choices": list(MODEL_PRECISIONS)},
+    )
+    diversity_start: int = field(
+        default=0,
+        metadata={"help": "--strategy diversity starts from this many top-weighted images (0: one seeded pick)."},
+    )
+    study_results: str | None = field(
+        default=None,
+        metadata={"help": "study.json of benchmarks/selection_study.py: report.md shows where this selection's "
+                  "strategy stands among the strategies it measured."},
+    )
     cds_mode: str = field(
         default="entropy",
         metadata={"help": "CDS: 'entropy' = Shannon entropy (nats) of the image's class pixel distribution; "
@@ -104,10 +143,18 @@ class SelectionArguments:
 
     def __post_init__(self) -> None:
         for name, allowed in (("strategy", STRATEGIES), ("cds_mode", CDS_MODES), ("rcs_mode", RCS_MODES),
-                              ("ics_mode", ICS_MODES), ("materialize", MATERIALIZE_MODES)):
+                              ("ics_mode", ICS_MODES), ("materialize", MATERIALIZE_MODES),
+                              ("label_source", LABEL_SOURCES), ("model_precision", MODEL_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise SelectionError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        check_weights(self.alpha, self.beta, self.gamma)
+        check_weights(self.alpha, self.beta, self.gamma, self.delta)
+        if self.needs_model() and not self.model_name_or_path:
+            raise SelectionError("--label_source model, --delta > 0 and --strategy diversity need --model_name_or_path")
+        for name in ("per_device_batch_size", "prediction_size"):
+            if getattr(self, name) < 1:
+                raise SelectionError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.diversity_start < 0:
+            raise SelectionError(f"diversity_start must be >= 0, got {self.diversity_start}")
         if self.num_images is not None and self.fraction is not None:
             raise SelectionError("give --num_images or --fraction, not both")
         if self.num_images is not None and self.num_images < 1:
@@ -128,6 +175,10 @@ class SelectionArguments:
             if self.materialize in ("symlink", "copy"):
                 raise SelectionError("--push_to_hub publishes an hf_dataset subset; use --materialize hf_dataset")
             self.materialize = "hf_dataset"
+
+    def needs_model(self) -> bool:
+        """Whether this run needs the model pass (predicted histograms, uncertainty or embeddings)."""
+        return self.label_source == "model" or self.delta > 0 or self.strategy == "diversity"
 
 
 def _accepts(hint: Any, value: Any) -> bool:

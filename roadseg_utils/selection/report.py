@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 
 from ..labels import LabelSet
-from .arguments import STRATEGIES
-from .scoring import FORMULA
 from .strategies import Selection
 
 REPORT_FILE = "report.md"
@@ -43,9 +41,59 @@ def strategy_comparison(selection: Selection) -> dict[str, dict[str, np.ndarray 
     return comparison
 
 
-def render_report(selection: Selection, label_set: LabelSet, plots: Sequence[str] = ()) -> str:
-    """report.md: counts, class image frequency before and after, the strategy comparison, images per sequence."""
+def _label_source_lines(selection: Selection) -> list[str]:
     header = selection.header
+    model = header.get("model")
+    lines = []
+    if header.get("label_source") == "model":
+        lines.append(f"Class histograms come from the maps model `{model['name']}` (fingerprint "
+                     f"`{model['fingerprint']}`) predicts at the reduced size, not from labels.")
+    elif model:
+        lines.append(f"Class histograms come from the labels; model `{model['name']}` (fingerprint "
+                     f"`{model['fingerprint']}`) gave the uncertainty and embeddings.")
+    if header.get("delta", 0) > 0 and selection.uncertainty is not None:
+        lines.append(f"Uncertainty (mean per-pixel entropy, nats) weighs delta = {header['delta']}: pool mean "
+                     f"{selection.uncertainty.mean():.3f}, selected mean "
+                     f"{selection.uncertainty[selection.selected].mean():.3f}.")
+    return lines + [""] if lines else []
+
+
+def study_section(study: dict[str, Any], strategy: str) -> list[str]:
+    """Where ``strategy`` stands among the strategies a study (benchmarks/selection_study.py) trained and scored."""
+    rows = study["results"]
+    lines = ["", "## What the selection buys", "",
+             f"From `{study.get('command', 'benchmarks/selection_study.py')}`: the same model fine-tuned with "
+             f"identical settings on each strategy's K = {study['budget']} images of a {study['pool_size']}-image "
+             "pool, scored on the same test split (mIoU mean ± std over seeds where a strategy draws with a seed).",
+             "", "| strategy | runs | test mIoU | rare-class mean IoU | training s |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    ordered = sorted(rows, key=lambda row: -row["miou_mean"])
+    for row in ordered:
+        mark = " (this run's strategy)" if row["strategy"] == strategy else ""
+        lines.append(f"| {row['strategy']}{mark} | {row['runs']} | {row['miou_mean']:.4f} ± {row['miou_std']:.4f} | "
+                     f"{row['rare_iou_mean']:.4f} | {row['train_seconds']:.0f} |")
+    names = [row["strategy"] for row in ordered]
+    if strategy in names:
+        position = names.index(strategy) + 1
+        random = next((row for row in rows if row["strategy"] == "random"), None)
+        own = ordered[position - 1]
+        verdict = f"**{strategy}** ranks {position} of {len(names)} by test mIoU"
+        if random is not None and strategy != "random":
+            gap = own["miou_mean"] - random["miou_mean"]
+            beats = "above" if gap > random["miou_std"] else "below" if gap < -random["miou_std"] else "within"
+            verdict += f"; {gap:+.4f} against random, {beats} random's seed-to-seed spread ({random['miou_std']:.4f})"
+        lines += ["", verdict + "."]
+    else:
+        lines += ["", f"The study did not measure strategy {strategy}."]
+    return lines
+
+
+def render_report(selection: Selection, label_set: LabelSet, plots: Sequence[str] = (),
+                  study: dict[str, Any] | None = None) -> str:
+    """report.md: counts, class image frequency before and after, the strategy comparison, images per sequence, and
+    with a ``study`` where this selection's strategy stands among those the study measured."""
+    header = selection.header
+    strategies = list(selection.subsets)
     budget, total = header["num_images"], header["num_candidates"]
     chosen = np.flatnonzero(selection.selected)
     pool_counts = selection.presence.sum(axis=0)
@@ -59,7 +107,9 @@ def render_report(selection: Selection, label_set: LabelSet, plots: Sequence[str
         f"(fingerprint `{header['dataset']['fingerprint']}`) and selected {budget} with strategy "
         f"**{header['strategy']}** (seed {header['seed']}). Validation and test images are not ranked.",
         "",
-        f"`{FORMULA}` with alpha = {header['alpha']}, beta = {header['beta']}, gamma = {header['gamma']}:",
+        *_label_source_lines(selection),
+        f"`{header['formula']}` with alpha = {header['alpha']}, beta = {header['beta']}, gamma = {header['gamma']}"
+        + (f", delta = {header['delta']}:" if header.get("delta", 0) > 0 else ":"),
         "",
         f"- CDS ({header['cds_mode']}): " + (
             f"classes with at least {header['min_pixels']} pixel(s) in the image" if header["cds_mode"] == "count"
@@ -106,18 +156,18 @@ def render_report(selection: Selection, label_set: LabelSet, plots: Sequence[str
         "Share of each strategy's images containing each rare class (random: one seeded draw; its expectation is the "
         "pool share).",
         "",
-        "| class | pool | " + " | ".join(STRATEGIES) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in STRATEGIES) + " |",
+        "| class | pool | " + " | ".join(strategies) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in strategies) + " |",
     ]
     for c in selection.rare_ids:
         lines.append(f"| {names[c]} | {selection.frequency[c]:.1%} | "
-                     + " | ".join(f"{comparison[s]['class_share'][c]:.1%}" for s in STRATEGIES) + " |")
+                     + " | ".join(f"{comparison[s]['class_share'][c]:.1%}" for s in strategies) + " |")
     lines.append("| mean CDS | " + f"{selection.cds.mean():.2f} | "
-                 + " | ".join(f"{comparison[s]['mean_cds']:.2f}" for s in STRATEGIES) + " |")
+                 + " | ".join(f"{comparison[s]['mean_cds']:.2f}" for s in strategies) + " |")
     lines.append(f"| classes covered | {int((pool_counts > 0).sum())} | "
-                 + " | ".join(str(comparison[s]["classes_covered"]) for s in STRATEGIES) + " |")
+                 + " | ".join(str(comparison[s]["classes_covered"]) for s in strategies) + " |")
     lines.append(f"| sequences covered | {len(set(selection.sequences))} | "
-                 + " | ".join(str(comparison[s]["sequences_covered"]) for s in STRATEGIES) + " |")
+                 + " | ".join(str(comparison[s]["sequences_covered"]) for s in strategies) + " |")
     if selection.rare_ids:
         weighted = comparison["weighted"]["class_share"]
         random = comparison["random"]["class_share"]
@@ -135,6 +185,10 @@ def render_report(selection: Selection, label_set: LabelSet, plots: Sequence[str
     for sequence in sorted(per_sequence, key=_natural_key):
         in_pool, in_subset = per_sequence[sequence]
         lines.append(f"| {sequence} | {in_pool} | {in_subset} | {_share(in_subset, in_pool)} |")
+    if study is not None:
+        # The study names the weighted score from predictions apart from the one from labels.
+        from_model = header["strategy"] == "weighted" and header.get("label_source") == "model"
+        lines += study_section(study, "weighted_model" if from_model else header["strategy"])
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"

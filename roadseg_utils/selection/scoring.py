@@ -13,6 +13,8 @@ from .arguments import CDS_MODES, DEFAULT_NUM_IMAGES, ICS_MODES, RCS_MODES, Sele
 logger = logging.get_logger(__name__)
 
 FORMULA = "score = alpha * cds / max(cds) + beta * rcs / max(rcs) + gamma * ics / max(ics)"
+# The fourth term, in the formula only when its weight is positive (delta 0 keeps the three-term score exact).
+UNCERTAINTY_TERM = " + delta * uncertainty / max(uncertainty)"
 
 
 def class_presence(histograms: np.ndarray, num_labels: int, min_pixels: int = 1) -> np.ndarray:
@@ -69,11 +71,18 @@ def _normalised(values: np.ndarray) -> np.ndarray:
 
 
 def weighted_score(
-    cds: np.ndarray, rcs: np.ndarray, ics: np.ndarray, alpha: float = 0.4, beta: float = 0.4, gamma: float = 0.2
+    cds: np.ndarray, rcs: np.ndarray, ics: np.ndarray, alpha: float = 0.4, beta: float = 0.4, gamma: float = 0.2,
+    uncertainty: np.ndarray | None = None, delta: float = 0.0,
 ) -> np.ndarray:
-    """``alpha * cds / max(cds) + beta * rcs / max(rcs) + gamma * ics / max(ics)``; a zero maximum gives 0."""
-    check_weights(alpha, beta, gamma)
-    return alpha * _normalised(cds) + beta * _normalised(rcs) + gamma * _normalised(ics)
+    """``alpha * cds / max(cds) + beta * rcs / max(rcs) + gamma * ics / max(ics)`` (+ ``delta * uncertainty /
+    max(uncertainty)`` when ``delta`` > 0); a zero maximum gives 0."""
+    check_weights(alpha, beta, gamma, delta)
+    score = alpha * _normalised(cds) + beta * _normalised(rcs) + gamma * _normalised(ics)
+    if delta > 0:
+        if uncertainty is None:
+            raise SelectionError("delta > 0 weighs the model's uncertainty, but no uncertainty was computed")
+        score = score + delta * _normalised(uncertainty)
+    return score
 
 
 def resolve_budget(num_candidates: int, num_images: int | None = None, fraction: float | None = None,

@@ -13,9 +13,11 @@ from ..data import paths_fingerprint
 from ..labels import LabelSet
 from .arguments import STRATEGIES, SelectionArguments, SelectionError
 from .class_stats import ClassStats
+from .diversity import k_center_greedy
 from .manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from .scoring import (
     FORMULA,
+    UNCERTAINTY_TERM,
     class_diversity,
     class_presence,
     image_frequency,
@@ -85,9 +87,19 @@ def rare_class_sampling_order(
     return np.asarray(order, dtype=np.int64)
 
 
+def diversity_order(
+    embeddings: np.ndarray, scores: np.ndarray, paths: Sequence[str], seed: int, start: int = 0,
+    count: int | None = None,
+) -> np.ndarray:
+    """k-center greedy picks over ``embeddings``, started from the ``start`` top-weighted images (or a seeded one)."""
+    first = weighted_order(scores, paths)[:start]
+    return k_center_greedy(embeddings, len(paths) if count is None else count, seed, first.tolist())
+
+
 def strategy_order(
     strategy: str, scores: np.ndarray, paths: Sequence[str], presence: np.ndarray, frequency: np.ndarray,
-    temperature: float, seed: int, count: int | None = None,
+    temperature: float, seed: int, count: int | None = None, embeddings: np.ndarray | None = None,
+    diversity_start: int = 0,
 ) -> np.ndarray:
     """The first ``count`` images (default all) in the order ``strategy`` picks them."""
     if strategy == "weighted":
@@ -96,6 +108,10 @@ def strategy_order(
         order = random_order(len(paths), seed)
     elif strategy == "rare_class_sampling":
         return rare_class_sampling_order(presence, frequency, temperature, seed, count)
+    elif strategy == "diversity":
+        if embeddings is None:
+            raise SelectionError("--strategy diversity needs image embeddings: give --model_name_or_path")
+        return diversity_order(embeddings, scores, paths, seed, diversity_start, count)
     else:
         raise SelectionError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     return order if count is None else order[:count]
@@ -118,6 +134,7 @@ class Selection:
     rare_ids: list[int]
     subsets: dict[str, np.ndarray]  # strategy -> indices of its K picks
     header: dict[str, Any]
+    uncertainty: np.ndarray | None = None  # the model's mean per-pixel entropy, when a model pass ran
 
 
 def _check_labelled(presence: np.ndarray, source: str, min_pixels: int) -> None:
@@ -134,9 +151,14 @@ def _check_labelled(presence: np.ndarray, source: str, min_pixels: int) -> None:
 
 
 def select_images(
-    stats: ClassStats, args: SelectionArguments, label_set: LabelSet, source: str | None = None
+    stats: ClassStats, args: SelectionArguments, label_set: LabelSet, source: str | None = None,
+    uncertainty: np.ndarray | None = None, embeddings: np.ndarray | None = None, model: dict[str, str] | None = None,
 ) -> Selection:
-    """Score every pool image, rank it by ``args.strategy``, and keep the first K."""
+    """Score every pool image, rank it by ``args.strategy``, and keep the first K.
+
+    ``uncertainty`` and ``embeddings`` come from a model pass (`compute_model_scores`), described by ``model``
+    (name and fingerprint) in the manifest; without embeddings the diversity strategy is left out of the comparison.
+    """
     pool, histograms = stats.pool, stats.histograms
     source = source or pool.source
     budget = resolve_budget(len(pool), args.num_images, args.fraction, source)
@@ -150,23 +172,28 @@ def select_images(
                        "--rare_classes")
     rcs = rare_class_score(presence, frequency, args.rcs_mode, rare_ids)
     ics = sequence_score(pool.sequences, args.ics_mode)
-    score = weighted_score(cds, rcs, ics, args.alpha, args.beta, args.gamma)
-    order = strategy_order(args.strategy, score, pool.paths, presence, frequency, args.temperature, args.seed)
+    score = weighted_score(cds, rcs, ics, args.alpha, args.beta, args.gamma, uncertainty, args.delta)
+    order = strategy_order(args.strategy, score, pool.paths, presence, frequency, args.temperature, args.seed,
+                           embeddings=embeddings, diversity_start=args.diversity_start)
     rank = np.empty(len(pool), dtype=np.int64)
     rank[order] = np.arange(1, len(pool) + 1)
     subsets = {
         name: order[:budget] if name == args.strategy else strategy_order(
-            name, score, pool.paths, presence, frequency, args.temperature, args.seed, budget)
-        for name in STRATEGIES
+            name, score, pool.paths, presence, frequency, args.temperature, args.seed, budget, embeddings,
+            args.diversity_start)
+        for name in STRATEGIES if name != "diversity" or embeddings is not None
     }
     rare = [{"id": c, "name": label_set.id2label[c], "image_frequency": float(frequency[c])} for c in rare_ids]
     header = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
-        "formula": FORMULA,
+        "formula": FORMULA + (UNCERTAINTY_TERM if args.delta > 0 else ""),
         "alpha": args.alpha,
         "beta": args.beta,
         "gamma": args.gamma,
+        "delta": args.delta,
+        "label_source": args.label_source,
+        "model": model,
         "num_images": budget,
         "num_candidates": len(pool),
         "strategy": args.strategy,
@@ -187,5 +214,7 @@ def select_images(
         "skipped": [file for file, _ in stats.skipped],
     }
     selected = rank <= budget
+    if args.strategy == "diversity":
+        header["diversity_start"] = args.diversity_start
     return Selection(list(pool.paths), list(pool.sequences), cds, rcs, ics, score, rank, selected, presence,
-                     frequency, rare_ids, subsets, header)
+                     frequency, rare_ids, subsets, header, uncertainty)
