@@ -99,6 +99,22 @@ def class_mapping(
     return mapping
 
 
+def _fresh_linear(model: nn.Module) -> nn.Linear:
+    head = model.class_predictor
+    fresh = nn.Linear(head.in_features, head.out_features)
+    # The initialisation a new model gives its class head.
+    model._init_weights(fresh)
+    return fresh
+
+
+def fresh_head(model: nn.Module) -> None:
+    """Re-initialise every row of ``model.class_predictor`` ("no object" included), as a new model has it."""
+    fresh = _fresh_linear(model)
+    with torch.no_grad():
+        model.class_predictor.weight.copy_(fresh.weight)
+        model.class_predictor.bias.copy_(fresh.bias)
+
+
 def initialise_head(
     model: nn.Module,
     source_head: tuple[torch.Tensor, torch.Tensor],
@@ -110,8 +126,7 @@ def initialise_head(
     Returns (and stores in ``model.config``) target class -> checkpoint class (None: random), "no object" included.
     """
     head = model.class_predictor
-    fresh = nn.Linear(head.in_features, head.out_features)
-    model._init_weights(fresh)
+    fresh = _fresh_linear(model)
     weight, bias = source_head
     rows = torch.tensor(sorted(mapping), dtype=torch.long)
     origins = torch.tensor([mapping[idx] for idx in sorted(mapping)], dtype=torch.long)
