@@ -39,10 +39,10 @@ class PretrainArguments:
     work_dir: str = field(default="runs/pretrain", metadata={"help": "Folder for the source data and the run."})
     seed: int = field(default=0, metadata={"help": "Seed of the source data and of training."})
     num_images: int = field(default=600, metadata={"help": "Source-domain frames to generate."})
-    max_steps: int = field(default=1500, metadata={"help": "Training steps."})
+    max_steps: int = field(default=600, metadata={"help": "Training steps."})
     batch_size: int = field(default=8, metadata={"help": "Training batch size."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine, 5 % warm-up)."})
-    crop_size: str = field(default="192x320", metadata={"help": "Training crop as HEIGHTxWIDTH."})
+    learning_rate: float = field(default=1.5e-3, metadata={"help": "Peak learning rate (cosine, 5 % warm-up)."})
+    crop_size: str = field(default="160x288", metadata={"help": "Training crop as HEIGHTxWIDTH."})
 
 
 def finetune_command(args: PretrainArguments, data_dir: Path, run_dir: Path) -> list[str]:
@@ -78,7 +78,7 @@ Cityscapes-like *source* domain (`python -m roadseg_utils.synthetic --domain cit
   (cosine, 5 % warm-up), every part trained
 - Source-domain mIoU (held-out test split): {results.get('test_mean_iou', float('nan')):.4f}
 - Source-domain mIoU (validation split): {results.get('eval_mean_iou', float('nan')):.4f}
-- Training time: {minutes:.1f} min on a 2-core CPU shared with other jobs
+- Training time: {minutes:.1f} min on a 2-core CPU shared with other jobs (OMP_NUM_THREADS=1)
 
 Rebuild it with:
 
@@ -89,7 +89,7 @@ Rebuild it with:
 which runs:
 
 ```
-{shlex.join(command)}
+{shlex.join(["python", FINETUNE_SCRIPT.name, *command[2:]])}
 ```
 """
 

@@ -1,7 +1,6 @@
 """The source domain, the pretraining script and the packaged tiny-cityscapes checkpoint."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from roadseg_utils import pretrain
@@ -38,8 +37,6 @@ def test_pretrain_trains_packages_and_loads_by_path(tmp_path):
     assert list(model.config.id2label.values()) == list(CITYSCAPES_NAMES)
 
 
-@pytest.mark.skipif(not (PRETRAINED_DIR / "tiny-cityscapes" / "model.safetensors").is_file(),
-                    reason="the packaged checkpoint is built by python -m roadseg_utils.pretrain")
 def test_packaged_checkpoint_loads_offline_by_name_with_a_mapped_head():
     own = load_model("tiny-cityscapes", None)
     assert list(own.config.id2label.values()) == list(CITYSCAPES_NAMES)
