@@ -9,7 +9,8 @@ Starts (each trained by ``run_finetune.py`` itself, same data, crops, batch and 
 - ``pretrained-mapped-head``: ``tiny-cityscapes`` frozen, the head rows mapped from its Cityscapes classes;
 - ``pretrained-full``: ``tiny-cityscapes`` with every part trained.
 
-Validation mIoU is taken every ``--eval_steps`` steps, test mIoU at the end; with several seeds each figure is the
+Validation mIoU is taken before the first step (step 0: what the start scores as it is) and every ``--eval_steps``
+steps, test mIoU at the end; with several seeds each figure is the
 mean +- standard deviation over seeds (the seed moves the data order, the augmentation and the random head rows).
 """
 
@@ -70,6 +71,7 @@ def run_start(start: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "--crop_size", args.crop_size, "--min_scale", "0.75", "--max_scale", "1.25",
         "--eval_shortest_edge", args.crop_size.split("x")[0], "--learning_rate", str(args.learning_rate),
         "--warmup_steps", str(args.warmup_steps), "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
+        "--eval_on_start", "True",
         "--save_strategy", "no", "--seed", str(seed), "--disable_tqdm", "True", "--dataloader_num_workers", "0",
         "--log_level", "warning",
     ], callbacks=callbacks)
