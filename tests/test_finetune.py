@@ -251,6 +251,22 @@ def test_unknown_label_set_is_one_clear_error(scenes, tmp_path, capsys):
     assert error[-1].startswith("run_finetune.py: error: unknown label set 'cityscapes'")
 
 
+@pytest.mark.parametrize(("mapping", "problem"), [
+    (None, "label mapping file not found"),
+    ('{"autorickshaw": "tuk-tuk"}', "'tuk-tuk' (for 'autorickshaw') is not a class of the checkpoint"),
+])
+def test_bad_label_mapping_is_one_clear_error_before_training(scenes, tmp_path, capsys, mapping, problem):
+    mapping_file = tmp_path / "mapping.json"
+    if mapping is not None:
+        mapping_file.write_text(mapping)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(scenes, tmp_path / "bad", "--label_mapping", str(mapping_file), "--max_steps", "1")
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("run_finetune.py: error: ") and problem in error[-1]
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
 def test_offline_hub_id_exits_with_one_line_and_no_traceback(scenes, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     completed = subprocess.run(
