@@ -60,7 +60,6 @@ from roadseg_utils.data import (
 )
 from roadseg_utils.finetune_outputs import run_identity, write_outputs
 from roadseg_utils.freezing import FROZEN_PARTS
-from roadseg_utils.head_init import read_label_mapping
 from roadseg_utils.hub import HubPublishError, require_hub
 from roadseg_utils.modeling import DEFAULT_CHECKPOINT, TINY_MODEL, ModelLoadError, load_image_processor, load_model
 from roadseg_utils.output_dir import (
@@ -360,10 +359,9 @@ def finetune(
         if training_args.push_to_hub:
             require_hub("--push_to_hub")
         label_set = source_label_set(data_args)
-        label_mapping = read_label_mapping(model_args.label_mapping) if model_args.label_mapping else None
         model = load_model(
             model_args.model_name_or_path, label_set, model_args.model_revision, model_args.token, model_args.cache_dir,
-            label_mapping,
+            model_args.label_mapping,
         )
         processor_overrides = {} if data_args.eval_edge else {"do_resize": False}
         image_processor = load_image_processor(

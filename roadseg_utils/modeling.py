@@ -30,7 +30,7 @@ from transformers.utils import cached_file, is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 from .cli import one_line
-from .head_init import CONFIG_KEY, class_mapping, initialise_head
+from .head_init import CONFIG_KEY, class_mapping, initialise_head, read_label_mapping
 from .hub import hub_is_reachable
 from .labels import IGNORE_INDEX, LabelSet
 from .output_dir import INCOMPLETE_FILE, is_incomplete
@@ -198,17 +198,18 @@ def _checkpoint_head(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _map_class_head(model: Mask2FormerForUniversalSegmentation, source: str, is_local: bool,
-                    label_set: LabelSet, label_mapping: Mapping[str, str | None] | None, **hub: Any) -> None:
+                    label_set: LabelSet, overrides: Mapping[str, str | None] | None, mapping_file: str,
+                    **hub: Any) -> None:
     """Start the class head from the checkpoint's rows of the same or mapped classes, when its classes differ."""
     config_path = Path(source) / "config.json" if is_local else Path(cached_file(source, "config.json", **hub))
     source_id2label = {int(idx): name for idx, name in _read_json_object(config_path, "config.json")
                        .get("id2label", {}).items()}
-    if source_id2label == dict(label_set.id2label) and not label_mapping:
+    if source_id2label == dict(label_set.id2label) and not overrides:
         # A record from the run that made this checkpoint does not describe this one's head.
         if hasattr(model.config, CONFIG_KEY):
             delattr(model.config, CONFIG_KEY)
         return
-    mapping = class_mapping(source_id2label, label_set, label_mapping, "--label_mapping")
+    mapping = class_mapping(source_id2label, label_set, overrides, mapping_file)
     try:
         head = _checkpoint_head(config_path.parent)
     except (OSError, KeyError, StopIteration, SafetensorError, RuntimeError) as err:
@@ -222,14 +223,20 @@ def load_model(
     revision: str = "main",
     token: str | bool | None = None,
     cache_dir: str | None = None,
-    label_mapping: Mapping[str, str | None] | None = None,
+    label_mapping: str | Path | None = None,
 ) -> Mask2FormerForUniversalSegmentation:
     """Load a Mask2Former from a Hub id or folder (or build ``tiny``) with the head sized to ``label_set``.
 
     ``label_set=None`` keeps the checkpoint's own head and ``id2label`` (evaluation); ``tiny`` needs a label set.
-    Head rows of classes the checkpoint knows (by name, the Cityscapes -> IDD map or ``label_mapping``) are copied.
+    Head rows of classes the checkpoint knows (by name, the Cityscapes -> IDD map or the ``label_mapping`` JSON file)
+    are copied.
     """
     model_name_or_path = resolve_model_name(model_name_or_path)
+    if model_name_or_path == TINY_MODEL and label_mapping:
+        raise ModelLoadError(f"--label_mapping {label_mapping}: {TINY_MODEL} has random weights, so there is no "
+                             "head to map; start from a checkpoint (e.g. tiny-cityscapes)")
+    # Read before any weight is: a bad mapping file fails fast.
+    overrides = read_label_mapping(label_mapping) if label_mapping else None
     if model_name_or_path == TINY_MODEL:
         if label_set is None:
             raise ModelLoadError(f"--model_name_or_path {TINY_MODEL} needs a label set to size its head")
@@ -281,8 +288,8 @@ def load_model(
             ", ".join(reinitialised),
         )
     if label_set is not None:
-        _map_class_head(model, source, is_local, label_set, label_mapping, revision=revision, token=token,
-                        cache_dir=cache_dir, local_files_only=True)
+        _map_class_head(model, source, is_local, label_set, overrides, str(label_mapping), revision=revision,
+                        token=token, cache_dir=cache_dir, local_files_only=True)
     return model
 
 

@@ -7,7 +7,7 @@ import torch
 
 from roadseg_utils.head_init import LabelMappingError, class_mapping, read_label_mapping
 from roadseg_utils.labels import custom_label_set, idd_label_set
-from roadseg_utils.modeling import load_model
+from roadseg_utils.modeling import ModelLoadError, load_model
 from roadseg_utils.synthetic import CITYSCAPES_NAMES
 
 CITYSCAPES = custom_label_set("cityscapes", dict(enumerate(CITYSCAPES_NAMES)))
@@ -59,7 +59,7 @@ def test_mapping_file_overrides_the_builtin_map(cityscapes_checkpoint, tmp_path)
     folder, weight, bias = cityscapes_checkpoint
     mapping_file = tmp_path / "mapping.json"
     mapping_file.write_text(json.dumps({"autorickshaw": "truck", "car": None}))
-    model = load_model(str(folder), LEVEL3, label_mapping=read_label_mapping(mapping_file))
+    model = load_model(str(folder), LEVEL3, label_mapping=mapping_file)
     source = {name: idx for idx, name in enumerate(CITYSCAPES_NAMES)}
     assert rows_equal(model, LEVEL3.label2id["autorickshaw"], weight, bias, source["truck"])
     car = LEVEL3.label2id["car"]
@@ -88,3 +88,10 @@ def test_unreadable_mapping_file_names_the_file(tmp_path):
         read_label_mapping(bad)
     with pytest.raises(LabelMappingError, match="not found"):
         read_label_mapping(tmp_path / "missing.json")
+
+
+def test_mapping_for_the_random_tiny_model_is_refused(tmp_path):
+    mapping_file = tmp_path / "mapping.json"
+    mapping_file.write_text('{"car": "car"}')
+    with pytest.raises(ModelLoadError, match="tiny has random weights"):
+        load_model("tiny", LEVEL3, label_mapping=mapping_file)
