@@ -91,7 +91,13 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default=DEFAULT_CHECKPOINT,
-        metadata={"help": f"Hub id, local model folder, or '{TINY_MODEL}' (a ~1.5M-parameter model built offline)."},
+        metadata={"help": f"Hub id, local model folder, '{TINY_MODEL}' (a ~1.5M-parameter model built offline) or "
+                  "'tiny-cityscapes' (the same model pretrained on synthetic Cityscapes-like scenes, packaged)."},
+    )
+    label_mapping: str | None = field(
+        default=None,
+        metadata={"help": "JSON file {\"target class\": \"checkpoint class\" or null}: which checkpoint class-head row "
+                  "each new class starts from (default: same name, then the built-in Cityscapes->IDD map)."},
     )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
@@ -359,7 +365,8 @@ def finetune(
             require_hub("--push_to_hub")
         label_set = source_label_set(data_args)
         model = load_model(
-            model_args.model_name_or_path, label_set, model_args.model_revision, model_args.token, model_args.cache_dir
+            model_args.model_name_or_path, label_set, model_args.model_revision, model_args.token, model_args.cache_dir,
+            model_args.label_mapping,
         )
         processor_overrides = {} if data_args.eval_edge else {"do_resize": False}
         image_processor = load_image_processor(

@@ -172,6 +172,9 @@ class FinetuneCardInfo:
     parameter_counts: Mapping[str, int] = field(default_factory=dict)
     metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     plots: Sequence[str] = ()  # paths relative to the card's folder
+    # Target class -> checkpoint class its head row started from (None: random), when the classes were remapped.
+    head_initialisation: Mapping[str, str | None] | None = None
+    packaged_base: str | None = None  # a checkpoint packaged with the suite (tiny-cityscapes)
     # "other": the weights inherit the terms of the base checkpoint and of the training data (see the card's text).
     license: str | None = "other"
 
@@ -228,6 +231,8 @@ def finetune_card_text(info: FinetuneCardInfo) -> str:
     lines = [f"# {info.model_name}", ""]
     if info.base_model:
         origin = f"[{info.base_model}](https://huggingface.co/{info.base_model})"
+    elif info.packaged_base:
+        origin = f"`{info.packaged_base}`, the tiny Mask2Former packaged with roadseg, pretrained on synthetic scenes"
     else:
         origin = "a tiny randomly initialised Mask2Former (the offline demo configuration)"
     lines += [
@@ -248,6 +253,11 @@ def finetune_card_text(info: FinetuneCardInfo) -> str:
         ([class_id, name, "#{:02x}{:02x}{:02x}".format(*label_set.colors[class_id])]
          for class_id, name in sorted(label_set.id2label.items())),
     )
+    if info.head_initialisation:
+        lines += ["", "The class head started from the base checkpoint's rows of these classes (random: no "
+                  "matching class):", ""]
+        lines += _markdown_table(["class", "started from"], ((name, origin or "random")
+                                                            for name, origin in info.head_initialisation.items()))
     lines += ["", "## Selection", ""]
     if info.selection:
         lines += [f"- {key}: {value}" for key, value in info.selection.items()]

@@ -21,7 +21,7 @@ from .data import SPLITS, dataset_column, paths_fingerprint
 from .evaluation import json_safe
 from .freezing import FROZEN_PARTS
 from .labels import LabelSet
-from .modeling import TINY_MODEL
+from .modeling import PACKAGED_MODELS, TINY_MODEL
 from .visualize import save_score_charts
 
 if TYPE_CHECKING:
@@ -100,7 +100,9 @@ def write_outputs(
         if scores is not None and confusion is not None
         for path in save_split_plots(output_dir, split, scores, confusion, label_set)
     ]
-    is_hub_model = model_args.model_name_or_path != TINY_MODEL and not os.path.exists(model_args.model_name_or_path)
+    packaged = model_args.model_name_or_path in PACKAGED_MODELS
+    is_hub_model = model_args.model_name_or_path != TINY_MODEL and not os.path.exists(model_args.model_name_or_path) \
+        and not packaged
     card = FinetuneCardInfo(
         model_name=training_args.hub_model_id or output_dir.name,
         label_set=label_set,
@@ -126,6 +128,8 @@ def write_outputs(
         metrics={split: strip_prefix(stage_metrics[stage], stage)
                  for split, stage in (("validation", "eval"), ("test", "test")) if stage in stage_metrics},
         plots=plots,
+        head_initialisation=getattr(trainer.model.config, "head_initialisation", None),
+        packaged_base=model_args.model_name_or_path if packaged else None,
     )
     trainer.card_writer = lambda folder: write_finetune_card(folder, card)
     write_finetune_card(output_dir, card)

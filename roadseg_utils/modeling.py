@@ -5,6 +5,10 @@ config, a weights file must be there, safetensors headers must describe exactly 
 truncated file fails here) and a ``pytorch_model.bin`` archive must have its central directory; a folder marked
 ``RUN_INCOMPLETE`` by an unfinished run is refused. ``pytorch_model.bin`` is read with ``weights_only=True``, so a
 pickle that asks to run code is refused, never run. Every failure is a `ModelLoadError` of one line.
+
+``tiny-cityscapes`` names the pretrained tiny checkpoint packaged in ``roadseg_utils/pretrained/`` (built by
+``python -m roadseg_utils.pretrain``). When a checkpoint's classes differ from the label set, the new class head
+starts from the checkpoint's rows of the same or mapped classes (`roadseg_utils.head_init`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-from transformers.utils import is_torchvision_available
+from transformers.utils import cached_file, is_torchvision_available
 from transformers.utils import logging as hf_logging
 
 from .cli import one_line
+from .head_init import CONFIG_KEY, class_mapping, initialise_head, read_label_mapping
 from .hub import hub_is_reachable
 from .labels import IGNORE_INDEX, LabelSet
 from .output_dir import INCOMPLETE_FILE, is_incomplete
@@ -32,6 +38,9 @@ from .output_dir import INCOMPLETE_FILE, is_incomplete
 logger = hf_logging.get_logger(__name__)
 
 TINY_MODEL = "tiny"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+# Checkpoints packaged with the suite, by the name --model_name_or_path accepts.
+PACKAGED_MODELS = ("tiny-cityscapes",)
 DEFAULT_CHECKPOINT = "facebook/mask2former-swin-small-cityscapes-semantic"
 TINY_SHORTEST_EDGE = 512
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -162,17 +171,72 @@ def check_model_folder(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def resolve_model_name(model_name_or_path: str) -> str:
+    """The folder of a packaged checkpoint name (``tiny-cityscapes``); any other name or path unchanged."""
+    if model_name_or_path in PACKAGED_MODELS and not Path(model_name_or_path).exists():
+        return str(PRETRAINED_DIR / model_name_or_path)
+    return model_name_or_path
+
+
+def _checkpoint_head(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's class head (weight, bias) read from its weights file(s) in ``folder``."""
+    first = next(name for name in WEIGHT_FILES if (folder / name).is_file())
+    names = ("class_predictor.weight", "class_predictor.bias")
+    if first.endswith(".index.json"):
+        weight_map = json.loads((folder / first).read_text(encoding="utf-8"))["weight_map"]
+        files = [folder / weight_map[name] for name in names]
+    else:
+        files = [folder / first] * 2
+    tensors = []
+    for name, path in zip(names, files, strict=True):
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as weights:
+                tensors.append(weights.get_tensor(name))
+        else:
+            tensors.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True)[name])
+    return tensors[0], tensors[1]
+
+
+def _map_class_head(model: Mask2FormerForUniversalSegmentation, source: str, is_local: bool,
+                    label_set: LabelSet, overrides: Mapping[str, str | None] | None, mapping_file: str,
+                    **hub: Any) -> None:
+    """Start the class head from the checkpoint's rows of the same or mapped classes, when its classes differ."""
+    config_path = Path(source) / "config.json" if is_local else Path(cached_file(source, "config.json", **hub))
+    source_id2label = {int(idx): name for idx, name in _read_json_object(config_path, "config.json")
+                       .get("id2label", {}).items()}
+    if source_id2label == dict(label_set.id2label) and not overrides:
+        # A record from the run that made this checkpoint does not describe this one's head.
+        if hasattr(model.config, CONFIG_KEY):
+            delattr(model.config, CONFIG_KEY)
+        return
+    mapping = class_mapping(source_id2label, label_set, overrides, mapping_file)
+    try:
+        head = _checkpoint_head(config_path.parent)
+    except (OSError, KeyError, StopIteration, SafetensorError, RuntimeError) as err:
+        raise ModelLoadError(f"{source}: cannot read its class head to map it ({one_line(err)[:200]})") from err
+    initialise_head(model, head, source_id2label, mapping)
+
+
 def load_model(
     model_name_or_path: str,
     label_set: LabelSet | None,
     revision: str = "main",
     token: str | bool | None = None,
     cache_dir: str | None = None,
+    label_mapping: str | Path | None = None,
 ) -> Mask2FormerForUniversalSegmentation:
     """Load a Mask2Former from a Hub id or folder (or build ``tiny``) with the head sized to ``label_set``.
 
     ``label_set=None`` keeps the checkpoint's own head and ``id2label`` (evaluation); ``tiny`` needs a label set.
+    Head rows of classes the checkpoint knows (by name, the Cityscapes -> IDD map or the ``label_mapping`` JSON file)
+    are copied.
     """
+    model_name_or_path = resolve_model_name(model_name_or_path)
+    if model_name_or_path == TINY_MODEL and label_mapping:
+        raise ModelLoadError(f"--label_mapping {label_mapping}: {TINY_MODEL} has random weights, so there is no "
+                             "head to map; start from a checkpoint (e.g. tiny-cityscapes)")
+    # Read before any weight is: a bad mapping file fails fast.
+    overrides = read_label_mapping(label_mapping) if label_mapping else None
     if model_name_or_path == TINY_MODEL:
         if label_set is None:
             raise ModelLoadError(f"--model_name_or_path {TINY_MODEL} needs a label set to size its head")
@@ -223,12 +287,16 @@ def load_model(
             label_set.num_labels,
             ", ".join(reinitialised),
         )
+    if label_set is not None:
+        _map_class_head(model, source, is_local, label_set, overrides, str(label_mapping), revision=revision,
+                        token=token, cache_dir=cache_dir, local_files_only=True)
     return model
 
 
 def load_image_processor(model_name_or_path: str, shortest_edge: int | None = None, **kwargs: Any) -> Any:
     """The image processor of a checkpoint (or a default one for ``tiny``), set to ignore label 255."""
     processor_cls = image_processor_class()
+    model_name_or_path = resolve_model_name(model_name_or_path)
     overrides = {"ignore_index": IGNORE_INDEX, "do_reduce_labels": False, **kwargs}
     if shortest_edge is not None:
         overrides["size"] = {"shortest_edge": shortest_edge, "longest_edge": shortest_edge * 4}

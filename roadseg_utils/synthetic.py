@@ -4,8 +4,14 @@ Every frame is an ordered list of IDD polygons with raw IDD label names (later p
 ``*_gtFine_polygons.json`` holds that list, the ``*_gtFine_labellevel3Ids.png`` is ``rasterize_polygons`` of it,
 and the image paints the same polygons with class-related colours, textures and lighting.
 
+``--domain cityscapes`` writes the *source* domain the packaged pretrained tiny checkpoint learnt from: the same
+scene grammar with a European look (cool bright light, other palette, right-hand traffic, a car hood in every frame,
+more cars and buildings, no autorickshaws or animals), labelled with Cityscapes' 19 train ids in
+``*_gtFine_labelTrainIds.png`` and an ``id2label.json`` at the top of the folder.
+
 Usage:
     python -m roadseg_utils.synthetic --output_dir data/synthetic --num_images 300 --num_sequences 12 --seed 0
+    python -m roadseg_utils.synthetic --output_dir data/source --domain cityscapes --num_images 600 --seed 0
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import re
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,6 +54,30 @@ ENVIRONMENTS = ("urban", "suburban", "highway", "rural")
 ENVIRONMENT_WEIGHTS = (0.4, 0.25, 0.15, 0.2)
 LIGHTINGS = ("day", "overcast", "dusk", "night")
 LIGHTING_WEIGHTS = (0.5, 0.2, 0.15, 0.15)
+
+IDD_DOMAIN = "idd"
+SOURCE_DOMAIN = "cityscapes"
+DOMAINS = (IDD_DOMAIN, SOURCE_DOMAIN)
+SOURCE_ENVIRONMENTS = ("urban", "suburban", "highway")
+SOURCE_ENVIRONMENT_WEIGHTS = (0.6, 0.3, 0.1)
+SOURCE_LIGHTINGS = ("clear", "cloudy")
+SOURCE_LIGHTING_WEIGHTS = (0.6, 0.4)
+SOURCE_LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
+SOURCE_ID2LABEL_FILE = "id2label.json"
+# Cityscapes' 19 evaluated classes in train-id order, as facebook/mask2former-*-cityscapes-semantic name them.
+CITYSCAPES_NAMES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)
+# How a level-3 IDD class of the scene grammar is labelled in the source domain (Cityscapes' annotation rules:
+# a curb is sidewalk; guard rails, bridges, billboards and fallbacks are not among the 19 evaluated classes).
+LEVEL3_TO_CITYSCAPES = {
+    "road": "road", "drivable fallback": "terrain", "sidewalk": "sidewalk", "non-drivable fallback": "terrain",
+    "person": "person", "rider": "rider", "motorcycle": "motorcycle", "bicycle": "bicycle", "car": "car",
+    "truck": "truck", "bus": "bus", "curb": "sidewalk", "wall": "wall", "fence": "fence",
+    "traffic sign": "traffic sign", "traffic light": "traffic light", "pole": "pole", "building": "building",
+    "vegetation": "vegetation", "sky": "sky",
+}
 
 # Per environment (urban, suburban, highway, rural): Poisson means for counts, probabilities for "p_" entries.
 # The rare level-3 classes (bus, bicycle, traffic light, fence, guard rail, bridge) stay under ~10 % of images.
@@ -82,6 +112,27 @@ RATES: dict[str, tuple[float, float, float, float]] = {
     "p_deleted": (0.05, 0.05, 0.05, 0.05),
     "p_degenerate": (0.03, 0.03, 0.03, 0.03),
 }
+# The source domain's class frequencies (urban, suburban, highway; the rural column is unused): denser cars and
+# buildings, bicycles, no autorickshaws, animals or IDD annotation quirks.
+SOURCE_RATES = {**RATES, **{
+    "cars": (8.0, 5.0, 6.0, 0.0),
+    "autorickshaws": (0.0, 0.0, 0.0, 0.0),
+    "motorcycles": (0.6, 0.4, 0.3, 0.0),
+    "persons": (4.0, 2.0, 0.1, 0.0),
+    "trucks": (0.5, 0.4, 1.5, 0.0),
+    "vehicle_fallbacks": (0.0, 0.0, 0.0, 0.0),
+    "animals": (0.0, 0.0, 0.0, 0.0),
+    "trees": (3.0, 5.0, 2.0, 0.0),
+    "billboards": (0.1, 0.1, 0.1, 0.0),
+    "p_buildings": (1.0, 0.9, 0.3, 0.0),
+    "p_bus": (0.2, 0.1, 0.1, 0.0),
+    "p_bicycle": (0.4, 0.3, 0.0, 0.0),
+    "p_traffic_light": (0.5, 0.25, 0.0, 0.0),
+    "p_fence": (0.2, 0.3, 0.2, 0.0),
+    "p_hills": (0.0, 0.05, 0.2, 0.0),
+    "p_deleted": (0.0, 0.0, 0.0, 0.0),
+    "p_degenerate": (0.0, 0.0, 0.0, 0.0),
+}}
 
 # Appearance of each level-3 class before lighting: a plausible colour, pulled towards the official palette so a
 # tiny model can tell classes apart, plus per-pixel grain and low-frequency blotches of class-specific strength.
@@ -114,6 +165,14 @@ NATURAL_COLORS: dict[str, tuple[int, int, int]] = {
     "sky": (150, 195, 240),
 }
 PALETTE_PULL = 0.4
+# The source domain's European palette: grey asphalt and stone, dark foliage, silver and dark cars.
+SOURCE_COLORS = {**NATURAL_COLORS, **{
+    "road": (84, 86, 92), "sidewalk": (150, 148, 150), "non-drivable fallback": (95, 120, 70),
+    "drivable fallback": (95, 120, 70), "building": (150, 145, 140), "wall": (170, 160, 150),
+    "vegetation": (45, 85, 40), "car": (150, 155, 165), "truck": (200, 200, 195), "bus": (190, 60, 50),
+    "person": (60, 60, 80), "rider": (70, 60, 90), "curb": (150, 148, 150), "pole": (90, 95, 100),
+    "traffic sign": (40, 80, 190), "fence": (110, 115, 105),
+}}
 UNLABELLED_COLORS = {"ego vehicle": (40, 40, 45), "license plate": (235, 235, 225)}
 GRAIN = {"road": 7, "drivable fallback": 12, "sidewalk": 9, "non-drivable fallback": 14, "vegetation": 16,
          "building": 8, "wall": 9, "bridge": 8, "sky": 1.5, "curb": 6, "obs-str-bar-fallback": 6}
@@ -139,6 +198,9 @@ LIGHTING_PRESETS = {
     "overcast": Lighting(0.85, (0.98, 1.0, 1.03), 0.6, 0.3, 2.5, (195, 200, 205)),
     "dusk": Lighting(0.7, (1.15, 0.92, 0.78), 0.9, 0.25, 3.5, (235, 165, 120)),
     "night": Lighting(0.32, (0.85, 0.92, 1.2), 0.8, 0.1, 5.0, (35, 45, 80)),
+    # The source domain's light: cool, bright, low noise.
+    "clear": Lighting(1.12, (0.92, 0.98, 1.1), 0.8, 0.08, 1.0, (175, 205, 235)),
+    "cloudy": Lighting(0.95, (0.95, 0.98, 1.02), 0.55, 0.2, 1.5, (205, 210, 215)),
 }
 
 # Outlines in units of the object's width (x, centred) and height (y, up from its base).
@@ -168,13 +230,13 @@ SIGN_OUTLINES = (CIRCLE_OUTLINE, OCTAGON_OUTLINE, TRIANGLE_OUTLINE, RECTANGLE_OU
 
 @dataclass(frozen=True)
 class SyntheticFrame:
-    """One written frame: its sequence and frame name, the three file paths and the level-3 classes present."""
+    """One written frame: its sequence and frame name, its file paths (no polygons in the source domain), classes."""
 
     sequence: str
     frame: str
     image_path: Path
     label_path: Path
-    polygons_path: Path
+    polygons_path: Path | None
     classes: tuple[int, ...]
 
 
@@ -197,6 +259,7 @@ class SequenceStyle:
     ego_hood: float
     ground_label: str
     white_balance: tuple[float, float, float]
+    domain: str = IDD_DOMAIN
 
 
 @dataclass(frozen=True)
@@ -297,10 +360,10 @@ def _segments(z0: float, z1: float) -> list[tuple[float, float]]:
     return pieces
 
 
-def _level3_colors() -> dict[str, np.ndarray]:
+def _level3_colors(natural: dict[str, tuple[int, int, int]]) -> dict[str, np.ndarray]:
     palette = idd_label_set(3).colors
     return {
-        name: (1 - PALETTE_PULL) * np.array(NATURAL_COLORS[name], float) + PALETTE_PULL * np.array(palette[idx], float)
+        name: (1 - PALETTE_PULL) * np.array(natural[name], float) + PALETTE_PULL * np.array(palette[idx], float)
         for idx, name in enumerate(LEVEL3_NAMES)
     }
 
@@ -315,7 +378,12 @@ def _class_table(values: dict[str, float], default: float) -> np.ndarray:
 _NAME_TO_LEVEL3 = raw_name_to_id(3)
 _STRIP_STEPS = np.linspace(0.0, 1.0, 16)
 _BAND_STEPS = np.linspace(0.0, 1.0, 4)
-_BASE_COLORS = _level3_colors()
+_BASE_COLORS = {IDD_DOMAIN: _level3_colors(NATURAL_COLORS), SOURCE_DOMAIN: _level3_colors(SOURCE_COLORS)}
+_DOMAIN_RATES = {IDD_DOMAIN: RATES, SOURCE_DOMAIN: SOURCE_RATES}
+_CITYSCAPES_TABLE = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+_CITYSCAPES_TABLE[[LEVEL3_NAMES.index(name) for name in LEVEL3_TO_CITYSCAPES]] = [
+    CITYSCAPES_NAMES.index(name) for name in LEVEL3_TO_CITYSCAPES.values()
+]
 _GRAIN_TABLE = _class_table(GRAIN, DEFAULT_GRAIN)
 _BLOTCH_TABLE = _class_table(BLOTCH, DEFAULT_BLOTCH)
 
@@ -334,7 +402,7 @@ class _SceneBuilder:
         self.lit = style.lighting in ("dusk", "night")
 
     def rate(self, key: str) -> float:
-        return RATES[key][self.env]
+        return _DOMAIN_RATES[self.style.domain][key][self.env]
 
     def chance(self, key: str) -> bool:
         return bool(self.rng.random() < self.rate(key))
@@ -347,7 +415,7 @@ class _SceneBuilder:
         if level3 is None or level3 == IGNORE_INDEX:
             base = np.array(UNLABELLED_COLORS.get(name, (20, 20, 20)), float)
         else:
-            base = _BASE_COLORS[LEVEL3_NAMES[level3]]
+            base = _BASE_COLORS[self.style.domain][LEVEL3_NAMES[level3]]
         rgb = base * shade + self.rng.normal(0.0, jitter, 3)
         return tuple(int(v) for v in np.clip(rgb, 0, 255).round())
 
@@ -429,6 +497,13 @@ def _sequence_style(environment: str, lighting: str, rng: np.random.Generator) -
         ground_label=ground_label,
         white_balance=tuple(float(v) for v in rng.uniform(0.93, 1.07, 3)),
     )
+
+
+def _source_style(environment: str, lighting: str, rng: np.random.Generator) -> SequenceStyle:
+    """A source-domain sequence: the IDD cross-section mirrored for right-hand traffic, a car hood, open ground."""
+    style = _sequence_style(environment, lighting, rng)
+    return replace(style, domain=SOURCE_DOMAIN, camera_lateral=-style.camera_lateral, horizon=style.horizon - 0.04,
+                   ego_hood=float(rng.uniform(0.07, 0.11)), ground_label="non-drivable fallback")
 
 
 def _add_sky_and_ground(b: _SceneBuilder) -> None:
@@ -900,30 +975,38 @@ def _shade(base: np.ndarray, emissive: np.ndarray, labels: np.ndarray, horizon_r
     return (np.clip(image, 0, 255) + 0.5).astype(np.uint8)
 
 
-def _frame_paths(output_dir: Path, split: str, sequence: str, frame: str) -> tuple[Path, Path, Path]:
+def _label_suffixes(domain: str) -> tuple[str, ...]:
+    # The source domain has no IDD polygons: its labels are Cityscapes train ids, which IDD names cannot express.
+    return (LABEL_SUFFIX, POLYGONS_SUFFIX) if domain == IDD_DOMAIN else (SOURCE_LABEL_SUFFIX,)
+
+
+def _frame_paths(output_dir: Path, split: str, sequence: str, frame: str, domain: str = IDD_DOMAIN) -> list[Path]:
     image_dir = output_dir / "leftImg8bit" / split / sequence
     label_dir = output_dir / "gtFine" / split / sequence
-    return image_dir / f"{frame}{IMAGE_SUFFIX}", label_dir / f"{frame}{LABEL_SUFFIX}", label_dir / (
-        f"{frame}{POLYGONS_SUFFIX}")
+    return [image_dir / f"{frame}{IMAGE_SUFFIX}"] + [label_dir / f"{frame}{suffix}" for suffix in
+                                                     _label_suffixes(domain)]
 
 
 def _render_frame(job: _FrameJob) -> SyntheticFrame:
     geometry_seed, texture_seed = np.random.SeedSequence(job.seed, spawn_key=(job.split_code, 1, job.index)).spawn(2)
     shapes, horizon_row, lighting = _build_scene(job.style, job.image_size, np.random.default_rng(geometry_seed))
     annotation, painted = _finalise(shapes, job.image_size)
-    image_path, label_path, polygons_path = _frame_paths(Path(job.output_dir), job.split, job.sequence, job.frame)
-    labels = rasterize_polygons(annotation, level=3, source=str(polygons_path))
+    domain = job.style.domain
+    image_path, label_path, *polygons = _frame_paths(Path(job.output_dir), job.split, job.sequence, job.frame, domain)
+    labels = rasterize_polygons(annotation, level=3, source=str(label_path))
     base, emissive = _paint(painted, job.image_size, lighting.saturation)
     image = _shade(base, emissive, labels, horizon_row, lighting, np.random.default_rng(texture_seed))
+    if domain == SOURCE_DOMAIN:
+        labels = _CITYSCAPES_TABLE[labels]
     image_path.parent.mkdir(parents=True, exist_ok=True)
     label_path.parent.mkdir(parents=True, exist_ok=True)
     # The image goes last: a frame whose image exists always has its annotation and label map.
-    text = json.dumps(annotation)
-    write_text_atomically(polygons_path, text)
+    for polygons_path in polygons:
+        write_text_atomically(polygons_path, json.dumps(annotation))
     write_atomically(label_path, lambda stream: Image.fromarray(labels).save(stream, format="PNG"))
     write_atomically(image_path, lambda stream: Image.fromarray(image).save(stream, format="PNG", compress_level=1))
     present = np.flatnonzero(pixel_counts(labels)[:IGNORE_INDEX])
-    return SyntheticFrame(job.sequence, job.frame, image_path, label_path, polygons_path,
+    return SyntheticFrame(job.sequence, job.frame, image_path, label_path, polygons[0] if polygons else None,
                           tuple(int(c) for c in present))
 
 
@@ -949,7 +1032,9 @@ def _default_workers(num_images: int) -> int:
 
 def _check_no_foreign_frames(output_dir: Path, split: str, expected: set[Path]) -> None:
     foreign = []
-    for folder, suffix in (("leftImg8bit", IMAGE_SUFFIX), ("gtFine", LABEL_SUFFIX), ("gtFine", POLYGONS_SUFFIX)):
+    written = [("leftImg8bit", IMAGE_SUFFIX)] + [("gtFine", suffix) for domain in DOMAINS
+                                                for suffix in _label_suffixes(domain)]
+    for folder, suffix in written:
         root = output_dir / folder / split
         if root.is_dir():
             foreign.extend(path for path in root.glob(f"*/*{suffix}") if path not in expected)
@@ -968,13 +1053,17 @@ def generate_synthetic_idd(
     seed: int = 0,
     split: str = "train",
     workers: int | None = None,
+    domain: str = IDD_DOMAIN,
 ) -> list[SyntheticFrame]:
     """Write ``num_images`` synthetic IDD frames (image, level-3 label PNG, polygons JSON) under ``output_dir``.
 
     ``image_size`` is ``(height, width)`` or a ``"HxW"`` string. Each frame depends only on (seed, split, frame
     index), so the files are the same for any number of workers, and a val split made with the same seed differs
-    from the train split.
+    from the train split. ``domain="cityscapes"`` writes the source domain instead (image and Cityscapes train-id
+    PNG per frame, plus ``id2label.json``).
     """
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
     height, width = parse_size(image_size) if isinstance(image_size, str) else (int(v) for v in image_size)
     if min(height, width) < MIN_IMAGE_SIDE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}, got {height}x{width}")
@@ -990,18 +1079,26 @@ def generate_synthetic_idd(
     split_code = zlib.crc32(split.encode())
     dataset_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split_code, 2)))
     sizes = sequence_sizes(num_images, num_sequences, dataset_rng)
-    environments = _draw_covering(ENVIRONMENTS, ENVIRONMENT_WEIGHTS, num_sequences, dataset_rng)
-    lightings = _draw_covering(LIGHTINGS, LIGHTING_WEIGHTS, num_sequences, dataset_rng)
+    source = domain == SOURCE_DOMAIN
+    environments = _draw_covering(*((SOURCE_ENVIRONMENTS, SOURCE_ENVIRONMENT_WEIGHTS) if source else
+                                    (ENVIRONMENTS, ENVIRONMENT_WEIGHTS)), num_sequences, dataset_rng)
+    lightings = _draw_covering(*((SOURCE_LIGHTINGS, SOURCE_LIGHTING_WEIGHTS) if source else
+                                 (LIGHTINGS, LIGHTING_WEIGHTS)), num_sequences, dataset_rng)
+    make_style = _source_style if source else _sequence_style
     jobs = []
     for sequence_index, size in enumerate(sizes):
         style_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split_code, 0, sequence_index)))
-        style = _sequence_style(environments[sequence_index], lightings[sequence_index], style_rng)
+        style = make_style(environments[sequence_index], lightings[sequence_index], style_rng)
         for _ in range(size):
             index = len(jobs)
             jobs.append(_FrameJob(str(output_dir), split, str(sequence_index), f"{index:06d}", index, seed,
                                   split_code, (height, width), style))
-    expected = {path for job in jobs for path in _frame_paths(output_dir, split, job.sequence, job.frame)}
+    expected = {path for job in jobs for path in _frame_paths(output_dir, split, job.sequence, job.frame, domain)}
     _check_no_foreign_frames(output_dir, split, expected)
+    if source:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(output_dir / SOURCE_ID2LABEL_FILE,
+                              json.dumps(dict(enumerate(CITYSCAPES_NAMES)), indent=1) + "\n")
     workers = workers or _default_workers(num_images)
     if workers == 1:
         return [_render_frame(job) for job in jobs]
@@ -1023,6 +1120,11 @@ class SyntheticArguments:
     seed: int = field(default=0, metadata={"help": "Random seed; the same seed writes byte-identical files."})
     split: str = field(default="train", metadata={"help": "Split folder name (train, val, ...)."})
     workers: int | None = field(default=None, metadata={"help": "Worker processes (default: available cores)."})
+    domain: str = field(
+        default=IDD_DOMAIN,
+        metadata={"help": "'idd': IDD-like scenes with level-3 labels; 'cityscapes': the pretraining source domain "
+                  "(European look, Cityscapes' 19 train ids).", "choices": list(DOMAINS)},
+    )
 
 
 def main(argv: list[str] | None = None) -> list[SyntheticFrame]:
@@ -1036,11 +1138,12 @@ def main(argv: list[str] | None = None) -> list[SyntheticFrame]:
     start = time.perf_counter()
     try:
         frames = generate_synthetic_idd(args.output_dir, args.num_images, args.num_sequences, image_size, args.seed,
-                                        args.split, args.workers)
+                                        args.split, args.workers, args.domain)
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))
     elapsed = time.perf_counter() - start
-    images_per_class = np.zeros(len(LEVEL3_NAMES), dtype=int)
+    names = CITYSCAPES_NAMES if args.domain == SOURCE_DOMAIN else LEVEL3_NAMES
+    images_per_class = np.zeros(len(names), dtype=int)
     for frame in frames:
         images_per_class[list(frame.classes)] += 1
     per_sequence: dict[str, int] = {}
@@ -1050,8 +1153,8 @@ def main(argv: list[str] | None = None) -> list[SyntheticFrame]:
     rarest = sorted(present, key=lambda idx: images_per_class[idx])[:6]
     print(f"wrote {len(frames)} frames of {image_size[0]}x{image_size[1]} in {len(per_sequence)} sequences "
           f"(sizes {min(per_sequence.values())}-{max(per_sequence.values())}) to {args.output_dir} in {elapsed:.1f} s")
-    print(f"level-3 classes present: {len(present)}/{len(LEVEL3_NAMES)}; rarest (share of images): "
-          + ", ".join(f"{LEVEL3_NAMES[idx]} {images_per_class[idx] / len(frames):.1%}" for idx in rarest))
+    print(f"classes present: {len(present)}/{len(names)}; rarest (share of images): "
+          + ", ".join(f"{names[idx]} {images_per_class[idx] / len(frames):.1%}" for idx in rarest))
     return frames
 
 

@@ -39,8 +39,8 @@ def scenes(tmp_path_factory) -> Path:
 
 
 def finetune(scenes: Path, output_dir: Path, *extra: str, callbacks=None) -> dict:
-    """Run the script in this process on ``scenes`` with the tiny model."""
-    argv = ["--model_name_or_path", "tiny", "--data_dir", str(scenes), "--output_dir", str(output_dir),
+    """Run the script in this process on ``scenes`` from the packaged pretrained tiny model."""
+    argv = ["--model_name_or_path", "tiny-cityscapes", "--data_dir", str(scenes), "--output_dir", str(output_dir),
             *SPLIT_ARGS, *QUIET, *extra]
     return run_finetune.main(argv, callbacks=callbacks)
 
@@ -66,6 +66,9 @@ def test_outputs_load_offline_in_a_pipeline(scenes, tmp_path):
     assert index[("validation", "mean_iou")] == pytest.approx(written["eval_mean_iou"], abs=1e-6)
     assert index[("test", "mean_iou")] == pytest.approx(written["test_mean_iou"], abs=1e-6)
     assert "model.pixel_level_module.encoder" in card.text and "learning_rate" in card.text
+    # The head started from tiny-cityscapes' rows: autorickshaw from car, obs-str-bar-fallback random.
+    assert "| autorickshaw | car |" in card.text and "| obs-str-bar-fallback | random |" in card.text
+    assert "`tiny-cityscapes`" in card.text and card.data.base_model is None
 
     image = Image.open(next((scenes / "leftImg8bit").rglob("*.png")))
     segmenter = pipeline("image-segmentation", model=str(output_dir))
@@ -246,6 +249,22 @@ def test_unknown_label_set_is_one_clear_error(scenes, tmp_path, capsys):
     assert exit_info.value.code != 0
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("run_finetune.py: error: unknown label set 'cityscapes'")
+
+
+@pytest.mark.parametrize(("mapping", "problem"), [
+    (None, "label mapping file not found"),
+    ('{"autorickshaw": "tuk-tuk"}', "'tuk-tuk' (for 'autorickshaw') is not a class of the checkpoint"),
+])
+def test_bad_label_mapping_is_one_clear_error_before_training(scenes, tmp_path, capsys, mapping, problem):
+    mapping_file = tmp_path / "mapping.json"
+    if mapping is not None:
+        mapping_file.write_text(mapping)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(scenes, tmp_path / "bad", "--label_mapping", str(mapping_file), "--max_steps", "1")
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("run_finetune.py: error: ") and problem in error[-1]
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
 def test_offline_hub_id_exits_with_one_line_and_no_traceback(scenes, tmp_path):

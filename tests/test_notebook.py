@@ -70,7 +70,7 @@ def test_notebook_runs_selection_finetuning_and_evaluation(tmp_path, monkeypatch
         "SYNTHETIC_DIR": str(tmp_path / "syn"),
         "NUM_SYNTHETIC": 40,
         "SYNTHETIC_SIZE": "90x160",
-        "MODEL": "tiny",
+        "MODEL": "tiny-cityscapes",
         "NUM_IMAGES": 20,
         "MAX_STEPS": 4,
         "BATCH_SIZE": 2,

@@ -44,8 +44,10 @@ IDD_AND_HUB = "needs the real IDD tree and the Hub checkpoint facebook/mask2form
 # Commands of unmarked blocks, by the leading text of the command (whitespace collapsed), with why they cannot run
 # here. A command takes the reason of the longest key it starts with.
 NOT_RUN: dict[str, str] = {
-    "make demo": "the Makefile's 2-minute demo; the marked blocks run the same scripts on the same synthetic scenes",
+    "make demo": "the Makefile's 5-minute demo; the marked blocks run the same scripts on the same synthetic scenes",
     "make test": "runs the whole test suite, this test included",
+    "python -m roadseg_utils.pretrain --seed 0": "rebuilds the packaged tiny-cityscapes (13 minutes on 2 cores); "
+        "tests/test_pretrain.py runs the same script for 2 steps",
     "python run_selection.py --data_dir data/idd ": "needs the real IDD tree in data/idd",
     "accelerate launch run_selection.py --data_dir data/idd ": "needs the real IDD tree in data/idd and GPUs",
     "python -m benchmarks.selection_study": "fine-tunes eight models, about 19 minutes on 2 cores (BENCHMARKS.md)",

@@ -1,0 +1,136 @@
+"""What a pretrained start buys on the demo data: mIoU after N steps and steps to reach an mIoU, side by side.
+
+Run from the repository root: ``python -m benchmarks.transfer [--steps 200 --seeds 0,1 --starts all]``.
+
+Starts (each trained by ``run_finetune.py`` itself, same data, crops, batch and steps):
+
+- ``random-frozen``: the randomly initialised ``tiny`` model, encoder and pixel decoder frozen;
+- ``pretrained-random-head``: ``tiny-cityscapes`` frozen, every class-head row (and "no object") random;
+- ``pretrained-mapped-head``: ``tiny-cityscapes`` frozen, the head rows mapped from its Cityscapes classes;
+- ``pretrained-full``: ``tiny-cityscapes`` with every part trained.
+
+Validation mIoU is taken before the first step (step 0: what the start scores as it is) and every ``--eval_steps``
+steps, test mIoU at the end; with several seeds each figure is the
+mean +- standard deviation over seeds (the seed moves the data order, the augmentation and the random head rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+import run_finetune
+from roadseg_utils.head_init import fresh_head
+from roadseg_utils.synthetic import generate_synthetic_idd
+
+STARTS: dict[str, tuple[str, list[str]]] = {
+    "random-frozen": ("tiny", []),
+    "pretrained-random-head": ("tiny-cityscapes", []),
+    "pretrained-mapped-head": ("tiny-cityscapes", []),
+    "pretrained-full": ("tiny-cityscapes", ["--unfreeze_backbone", "--unfreeze_pixel_decoder"]),
+}
+
+
+class RandomHead(TrainerCallback):
+    """Replaces the mapped class head by a fresh one before the first step (the baseline without the mapping)."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """Re-initialise every row of ``model.class_predictor``."""
+        fresh_head(model)
+
+
+class ValidationCurve(TrainerCallback):
+    """Records (step, validation mIoU) at every evaluation."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, float]] = []
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    **kwargs: Any) -> None:
+        """Keep the step and the validation mIoU."""
+        if metrics and "eval_mean_iou" in metrics:
+            self.points.append((state.global_step, float(metrics["eval_mean_iou"])))
+
+
+def run_start(start: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tune one start with one seed; its validation curve, test mIoU and wall time."""
+    model, extra = STARTS[start]
+    curve = ValidationCurve()
+    callbacks = [curve] + ([RandomHead()] if start == "pretrained-random-head" else [])
+    began = time.perf_counter()
+    results = run_finetune.main([
+        "--model_name_or_path", model, "--data_dir", args.data_dir, *extra,
+        "--output_dir", str(Path(args.work_dir) / f"{start}-seed{seed}"), "--overwrite_output_dir",
+        "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
+        "--crop_size", args.crop_size, "--min_scale", "0.75", "--max_scale", "1.25",
+        "--eval_shortest_edge", args.crop_size.split("x")[0], "--learning_rate", str(args.learning_rate),
+        "--warmup_steps", str(args.warmup_steps), "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
+        "--eval_on_start", "True",
+        "--save_strategy", "no", "--seed", str(seed), "--disable_tqdm", "True", "--dataloader_num_workers", "0",
+        "--log_level", "warning",
+    ], callbacks=callbacks)
+    return {"curve": curve.points, "test": float(results["test_mean_iou"]), "seconds": time.perf_counter() - began}
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean +- std`` over seeds (just the value for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
+
+
+def steps_to_reach(curve: list[tuple[int, float]], threshold: float) -> int | None:
+    """The first evaluated step whose validation mIoU reaches ``threshold`` (None: never)."""
+    return next((step for step, value in curve if value >= threshold), None)
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Run the chosen starts for every seed and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--starts", default="all", help=f"comma-separated subset of {', '.join(STARTS)}, or all")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--eval_steps", type=int, default=25)
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--warmup_steps", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--crop_size", default="192x320")
+    parser.add_argument("--threshold", type=float, default=0.2, help="validation mIoU for 'steps to reach'")
+    parser.add_argument("--data_dir", default="data/transfer", help="demo data (written once if missing)")
+    parser.add_argument("--work_dir", default="runs/transfer")
+    args = parser.parse_args(argv)
+    starts = list(STARTS) if args.starts == "all" else args.starts.split(",")
+    unknown = [start for start in starts if start not in STARTS]
+    if unknown:
+        parser.error(f"--starts: unknown {', '.join(unknown)}; choose from {', '.join(STARTS)}")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    if not (Path(args.data_dir) / "leftImg8bit").is_dir():
+        generate_synthetic_idd(args.data_dir, num_images=300, num_sequences=12, seed=0)
+    runs = {start: [run_start(start, seed, args) for seed in seeds] for start in starts}
+    print(f"\n{args.steps} steps, batch {args.batch_size}, crops {args.crop_size}, lr {args.learning_rate:g}, "
+          f"warm-up {args.warmup_steps}, seeds {args.seeds}, data {args.data_dir}")
+    checkpoints = sorted({step for start in starts for step, _ in runs[start][0]["curve"]})
+    print("\nvalidation mIoU by step:")
+    print(f"{'start':<24}" + "".join(f"{step:>16}" for step in checkpoints))
+    for start in starts:
+        cells = [mean_std([dict(run["curve"]).get(step, float("nan")) for run in runs[start]]) for step in checkpoints]
+        print(f"{start:<24}" + "".join(f"{cell:>16}" for cell in cells))
+    print(f"\n{'start':<24}{'val mIoU @' + str(args.steps):>18}{'test mIoU @' + str(args.steps):>18}"
+          f"{'steps to val ' + format(args.threshold, 'g'):>20}{'minutes':>10}")
+    for start in starts:
+        final = [run["curve"][-1][1] for run in runs[start]]
+        reached = [steps_to_reach(run["curve"], args.threshold) for run in runs[start]]
+        minutes = statistics.mean(run["seconds"] for run in runs[start]) / 60
+        print(f"{start:<24}{mean_std(final):>18}{mean_std([run['test'] for run in runs[start]]):>18}"
+              f"{'/'.join(str(r) if r is not None else f'>{args.steps}' for r in reached):>20}{minutes:>10.1f}")
+    return runs
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
