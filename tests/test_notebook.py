@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -108,6 +109,12 @@ def test_notebook_runs_selection_finetuning_and_evaluation(tmp_path, monkeypatch
     assert all(overlay.read_bytes() in pictures for overlay in overlays), "overlays not shown inline"
     markdown = "\n".join(outputs_of(notebook, "text/markdown"))
     assert "Image selection report" in markdown and "selected 20" in markdown
+
+    # The passes over the data show progress bars with a count and a rate in the notebook too.
+    streams = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for output in cell.get("outputs", []) if output.get("output_type") == "stream")
+    assert re.search(r"checking label maps: 100%.*? 40/40 .*?map/s", streams), streams[-2000:]
+    assert re.search(r"evaluating: 100%.*?batch/s", streams), streams[-2000:]
 
 
 def test_accelerate_config_is_single_node_multi_gpu_ddp_with_fp16():
