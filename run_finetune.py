@@ -61,7 +61,14 @@ from roadseg_utils.data import (
 from roadseg_utils.finetune_outputs import run_identity, write_outputs
 from roadseg_utils.freezing import FROZEN_PARTS
 from roadseg_utils.hub import HubPublishError, require_hub
-from roadseg_utils.modeling import DEFAULT_CHECKPOINT, TINY_MODEL, ModelLoadError, load_image_processor, load_model
+from roadseg_utils.modeling import (
+    DEFAULT_CHECKPOINT,
+    TINY_MODEL,
+    ModelLoadError,
+    load_image_processor,
+    load_model,
+    parse_loss_overrides,
+)
 from roadseg_utils.output_dir import (
     IncompleteMarker,
     OutputDirError,
@@ -99,6 +106,11 @@ class ModelArguments:
         metadata={"help": "JSON file {\"target class\": \"checkpoint class\" or null}: which checkpoint class-head row "
                   "each new class starts from (default: same name, then the built-in Cityscapes->IDD map)."},
     )
+    loss_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Loss settings replacing the checkpoint's, as NAME=VALUE,...: class_weight, mask_weight, "
+                  "dice_weight, no_object_weight, train_num_points, oversample_ratio, importance_sample_ratio."},
+    )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
     token: str | None = field(
@@ -107,6 +119,9 @@ class ModelArguments:
     )
     unfreeze_backbone: bool = field(default=False, metadata={"help": "Also train the Swin backbone."})
     unfreeze_pixel_decoder: bool = field(default=False, metadata={"help": "Also train the pixel decoder."})
+
+    def __post_init__(self) -> None:
+        self.loss_settings = parse_loss_overrides(self.loss_overrides)
 
     @property
     def frozen_parts(self) -> tuple[str, ...]:
@@ -128,6 +143,11 @@ class DataTrainingArguments(DataSourceArguments):
     min_scale: float = field(default=0.5, metadata={"help": "Smallest scale-jitter factor (1 = image just covers "
                                                             "the crop)."})
     max_scale: float = field(default=2.0, metadata={"help": "Largest scale-jitter factor."})
+    color_jitter_prob: float = field(
+        default=0.8,
+        metadata={"help": "Share of training images given colour jitter (brightness, contrast and saturation 0.25, "
+                  "hue 0.05); 0 turns it off."},
+    )
     max_train_samples: int | None = field(
         default=None,
         metadata={"help": "Train on at most this many images of the train split (a seeded subset, taken after "
@@ -152,6 +172,8 @@ class DataTrainingArguments(DataSourceArguments):
         if not (0 < self.min_scale <= self.max_scale and math.isfinite(self.max_scale)):
             raise ValueError(f"--min_scale and --max_scale need 0 < min_scale <= max_scale < inf, got {self.min_scale} "
                              f"and {self.max_scale}")
+        if not 0 <= self.color_jitter_prob <= 1:
+            raise ValueError(f"--color_jitter_prob must lie in [0, 1], got {self.color_jitter_prob}")
         if self.selection_manifest is not None and not os.path.isfile(self.selection_manifest):
             raise ValueError(f"--selection_manifest {self.selection_manifest}: no such file")
         for option in ("max_train_samples", "max_eval_samples"):
@@ -366,7 +388,7 @@ def finetune(
         label_set = source_label_set(data_args)
         model = load_model(
             model_args.model_name_or_path, label_set, model_args.model_revision, model_args.token, model_args.cache_dir,
-            model_args.label_mapping,
+            model_args.label_mapping, model_args.loss_settings,
         )
         processor_overrides = {} if data_args.eval_edge else {"do_resize": False}
         image_processor = load_image_processor(
@@ -462,7 +484,8 @@ def guarded_datasets(
     """
     mean, std = image_processor.image_mean, image_processor.image_std
     train_transform = build_train_transforms(
-        data_args.crop, mean, std, scale_range=(data_args.min_scale, data_args.max_scale)
+        data_args.crop, mean, std, scale_range=(data_args.min_scale, data_args.max_scale),
+        color_jitter_prob=data_args.color_jitter_prob,
     )
     eval_transform = make_eval_transform(image_processor)
     policy, source = data_args.on_bad_sample, data_args.describe_source()

@@ -120,6 +120,8 @@ def write_outputs(
             **training_hyperparameters(training_args),
             "crop_size": data_args.crop_size,
             "scale_range": f"{data_args.min_scale}-{data_args.max_scale}",
+            "color_jitter_prob": data_args.color_jitter_prob,
+            **{f"loss {name}": value for name, value in model_args.loss_settings.items()},
             "eval_shortest_edge": data_args.eval_edge or "original size",
             "world_size": training_args.world_size,
         },

@@ -48,6 +48,16 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin", BIN_INDEX)
 # Largest safetensors header accepted (the format's own limit is 100 MB); more means a corrupt length field.
 MAX_SAFETENSORS_HEADER = 100_000_000
+# Mask2FormerConfig fields that only shape the training loss, so a checkpoint's weights load unchanged beside them.
+LOSS_SETTINGS = {
+    "class_weight": float,
+    "mask_weight": float,
+    "dice_weight": float,
+    "no_object_weight": float,
+    "train_num_points": int,
+    "oversample_ratio": float,
+    "importance_sample_ratio": float,
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -60,6 +70,27 @@ def image_processor_class() -> type:
     if not is_torchvision_available() and hasattr(transformers, "Mask2FormerImageProcessorPil"):
         return transformers.Mask2FormerImageProcessorPil
     return transformers.Mask2FormerImageProcessor
+
+
+def parse_loss_overrides(text: str | None) -> dict[str, float | int]:
+    """``"no_object_weight=0.2,train_num_points=12544"`` as typed loss settings; a bad entry raises ValueError."""
+    overrides: dict[str, float | int] = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        name, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep or name not in LOSS_SETTINGS:
+            raise ValueError(f"--loss_overrides: {entry.strip()!r} is not NAME=VALUE with NAME one of "
+                             f"{', '.join(LOSS_SETTINGS)}")
+        try:
+            overrides[name] = LOSS_SETTINGS[name](value)
+        except ValueError:
+            kind = "an integer" if LOSS_SETTINGS[name] is int else "a number"
+            raise ValueError(f"--loss_overrides: {name} needs {kind}, got {value!r}") from None
+        if not 0 <= overrides[name] < float("inf") or (name == "train_num_points" and overrides[name] < 1):
+            raise ValueError(f"--loss_overrides: {name} must be a finite number >= 0 (train_num_points >= 1), got "
+                             f"{value}")
+    return overrides
 
 
 def build_tiny_config(label_set: LabelSet) -> Mask2FormerConfig:
@@ -224,13 +255,15 @@ def load_model(
     token: str | bool | None = None,
     cache_dir: str | None = None,
     label_mapping: str | Path | None = None,
+    loss_overrides: Mapping[str, float | int] | None = None,
 ) -> Mask2FormerForUniversalSegmentation:
     """Load a Mask2Former from a Hub id or folder (or build ``tiny``) with the head sized to ``label_set``.
 
     ``label_set=None`` keeps the checkpoint's own head and ``id2label`` (evaluation); ``tiny`` needs a label set.
     Head rows of classes the checkpoint knows (by name, the Cityscapes -> IDD map or the ``label_mapping`` JSON file)
-    are copied.
+    are copied. ``loss_overrides`` (see `parse_loss_overrides`) replace the checkpoint's loss settings.
     """
+    loss_overrides = dict(loss_overrides or {})
     model_name_or_path = resolve_model_name(model_name_or_path)
     if model_name_or_path == TINY_MODEL and label_mapping:
         raise ModelLoadError(f"--label_mapping {label_mapping}: {TINY_MODEL} has random weights, so there is no "
@@ -241,7 +274,10 @@ def load_model(
         if label_set is None:
             raise ModelLoadError(f"--model_name_or_path {TINY_MODEL} needs a label set to size its head")
         logger.info("building a randomly initialised tiny Mask2Former (offline)")
-        return Mask2FormerForUniversalSegmentation(build_tiny_config(label_set))
+        config = build_tiny_config(label_set)
+        for name, value in loss_overrides.items():
+            setattr(config, name, value)
+        return Mask2FormerForUniversalSegmentation(config)
     local = Path(model_name_or_path).expanduser()
     is_local = local.exists() or model_name_or_path.startswith((".", "/", "~"))
     if is_local:
@@ -254,6 +290,7 @@ def load_model(
         model, info = Mask2FormerForUniversalSegmentation.from_pretrained(
             source,
             **head,
+            **loss_overrides,
             output_loading_info=True,
             revision=revision,
             token=token,
@@ -287,6 +324,10 @@ def load_model(
             label_set.num_labels,
             ", ".join(reinitialised),
         )
+    if "no_object_weight" in loss_overrides:
+        # The checkpoint's saved criterion.empty_weight buffer was loaded over the one built from the config.
+        with torch.no_grad():
+            model.criterion.empty_weight[-1] = loss_overrides["no_object_weight"]
     if label_set is not None:
         _map_class_head(model, source, is_local, label_set, overrides, str(label_mapping), revision=revision,
                         token=token, cache_dir=cache_dir, local_files_only=True)

@@ -365,3 +365,37 @@ def test_hf_dataset_with_its_own_id2label_names_classes_in_card_and_eval_report(
     assert results["class_names"] == list(names.values()) and results["label_set"] == "lanes"
     report = (tmp_path / "ev" / "eval_report.md").read_text()
     assert all(name in report for name in names.values())
+
+
+@pytest.mark.parametrize("color_jitter_prob", ["0", "1"])
+def test_colour_jitter_and_loss_settings_reach_training_config_and_card(scenes, tmp_path, color_jitter_prob):
+    seen: dict = {}
+
+    class FirstBatch(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+            seen["batch"] = next(iter(train_dataloader))
+            seen["criterion"] = (model.criterion.num_points, model.criterion.empty_weight[-1].item())
+
+    output_dir = tmp_path / "ft"
+    # Crops the size of the 90x160 frames at scale 1: without colour jitter a crop is an image or its mirror.
+    finetune(scenes, output_dir, "--max_steps", "1", "--per_device_train_batch_size", "4", "--crop_size", "90x160",
+             "--min_scale", "1", "--max_scale", "1", "--color_jitter_prob", color_jitter_prob,
+             "--loss_overrides", "train_num_points=77,no_object_weight=0.25", "--eval_strategy", "no",
+             "--do_eval", "False", "--do_predict", "False", "--save_strategy", "no", callbacks=[FirstBatch()])
+    assert seen["criterion"] == (77, pytest.approx(0.25))
+    config = json.loads((output_dir / "config.json").read_text())
+    assert (config["train_num_points"], config["no_object_weight"]) == (77, 0.25)
+    card = (output_dir / "README.md").read_text()
+    assert f"color_jitter_prob | {float(color_jitter_prob)}" in card.replace("`", "")
+    assert "loss train_num_points | 77" in card.replace("`", "")
+
+    processor = json.loads((output_dir / "preprocessor_config.json").read_text())
+    mean, std = np.array(processor["image_mean"]), np.array(processor["image_std"])
+    originals = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+                 for path in sorted((scenes / "leftImg8bit").rglob("*.png"))]
+    untouched = 0
+    for pixel_values in seen["batch"]["pixel_values"].double().numpy():
+        image = (pixel_values.transpose(1, 2, 0) * std + mean) * 255
+        untouched += any(np.abs(image - view).max() < 1e-3 for original in originals
+                         for view in (original, original[:, ::-1]))
+    assert untouched == (4 if color_jitter_prob == "0" else 0)

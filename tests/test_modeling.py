@@ -162,3 +162,32 @@ def test_semantic_maps_crop_padding_before_resizing():
     )
     assert label_map.shape == (64, 32)
     assert (label_map[:, :14] == 1).all() and (label_map[:, 18:] == 0).all()
+
+
+def test_loss_overrides_reach_the_criterion_of_built_and_loaded_models(saved_tiny):
+    folder, original = saved_tiny
+    overrides = modeling.parse_loss_overrides("train_num_points=123, no_object_weight=0.3,class_weight=4")
+    assert overrides == {"train_num_points": 123, "no_object_weight": 0.3, "class_weight": 4.0}
+    for model in (load_model("tiny", idd_label_set(3), loss_overrides=overrides),
+                  load_model(str(folder), idd_label_set(3), loss_overrides=overrides)):
+        assert model.criterion.num_points == 123
+        assert model.criterion.empty_weight[-1].item() == pytest.approx(0.3)
+        assert model.weight_dict["loss_cross_entropy"] == 4.0
+        assert model.weight_dict["loss_mask"] == original.weight_dict["loss_mask"]
+    loaded = load_model(str(folder), idd_label_set(3), loss_overrides=overrides)
+    for name, param in original.named_parameters():
+        assert torch.equal(dict(loaded.named_parameters())[name], param), name
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("hidden_dim=32", "'hidden_dim=32' is not NAME=VALUE"),
+    ("class_weight", "'class_weight' is not NAME=VALUE"),
+    ("train_num_points=1.5", "train_num_points needs an integer, got '1.5'"),
+    ("dice_weight=-1", "dice_weight must be a finite number >= 0"),
+    ("mask_weight=nan", "mask_weight must be a finite number >= 0"),
+    ("train_num_points=0", "train_num_points >= 1"),
+])
+def test_bad_loss_overrides_are_refused(text, problem):
+    with pytest.raises(ValueError, match="--loss_overrides") as raised:
+        modeling.parse_loss_overrides(text)
+    assert problem in str(raised.value)
