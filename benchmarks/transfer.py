@@ -26,8 +26,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 import run_finetune
+from benchmarks.training_runs import ValidationCurve, chosen, ensure_demo_data, mean_std, training_parser
 from roadseg_utils.head_init import fresh_head
-from roadseg_utils.synthetic import generate_synthetic_idd
 
 STARTS: dict[str, tuple[str, list[str]]] = {
     "random-frozen": ("tiny", []),
@@ -43,19 +43,6 @@ class RandomHead(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         """Re-initialise every row of ``model.class_predictor``."""
         fresh_head(model)
-
-
-class ValidationCurve(TrainerCallback):
-    """Records (step, validation mIoU) at every evaluation."""
-
-    def __init__(self) -> None:
-        self.points: list[tuple[int, float]] = []
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
-                    **kwargs: Any) -> None:
-        """Keep the step and the validation mIoU."""
-        if metrics and "eval_mean_iou" in metrics:
-            self.points.append((state.global_step, float(metrics["eval_mean_iou"])))
 
 
 def run_start(start: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -78,13 +65,6 @@ def run_start(start: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     return {"curve": curve.points, "test": float(results["test_mean_iou"]), "seconds": time.perf_counter() - began}
 
 
-def mean_std(values: list[float]) -> str:
-    """``mean +- std`` over seeds (just the value for one seed)."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
-
-
 def steps_to_reach(curve: list[tuple[int, float]], threshold: float) -> int | None:
     """The first evaluated step whose validation mIoU reaches ``threshold`` (None: never)."""
     return next((step for step, value in curve if value >= threshold), None)
@@ -92,26 +72,14 @@ def steps_to_reach(curve: list[tuple[int, float]], threshold: float) -> int | No
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Run the chosen starts for every seed and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--starts", default="all", help=f"comma-separated subset of {', '.join(STARTS)}, or all")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--eval_steps", type=int, default=25)
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser = training_parser(__doc__.split("\n", 1)[0], "starts", list(STARTS), steps=200, eval_steps=25, seeds="0",
+                             work_dir="runs/transfer")
     parser.add_argument("--warmup_steps", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--crop_size", default="192x320")
     parser.add_argument("--threshold", type=float, default=0.2, help="validation mIoU for 'steps to reach'")
-    parser.add_argument("--data_dir", default="data/transfer", help="demo data (written once if missing)")
-    parser.add_argument("--work_dir", default="runs/transfer")
     args = parser.parse_args(argv)
-    starts = list(STARTS) if args.starts == "all" else args.starts.split(",")
-    unknown = [start for start in starts if start not in STARTS]
-    if unknown:
-        parser.error(f"--starts: unknown {', '.join(unknown)}; choose from {', '.join(STARTS)}")
+    starts = chosen(parser, "starts", args.starts, list(STARTS))
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    if not (Path(args.data_dir) / "leftImg8bit").is_dir():
-        generate_synthetic_idd(args.data_dir, num_images=300, num_sequences=12, seed=0)
+    ensure_demo_data(args.data_dir)
     runs = {start: [run_start(start, seed, args) for seed in seeds] for start in starts}
     print(f"\n{args.steps} steps, batch {args.batch_size}, crops {args.crop_size}, lr {args.learning_rate:g}, "
           f"warm-up {args.warmup_steps}, seeds {args.seeds}, data {args.data_dir}")
