@@ -25,7 +25,14 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 import run_finetune
-from benchmarks.training_runs import ValidationCurve, chosen, ensure_demo_data, mean_std, training_parser
+from benchmarks.training_runs import (
+    ValidationCurve,
+    chosen,
+    demo_recipe,
+    ensure_demo_data,
+    mean_std,
+    training_parser,
+)
 from roadseg_utils.collator import SegmentationCollator
 from roadseg_utils.data import load_segmentation_dataset, source_label_set, with_sample_transform
 from roadseg_utils.freezing import DEFAULT_FROZEN_PARTS, freeze, frozen_modules, lock_eval_mode
@@ -41,7 +48,8 @@ VARIANTS: dict[str, list[str]] = {
     "no gradient clipping": ["--max_grad_norm", "0"],
     "no augmentation or clipping": ["--color_jitter_prob", "0", "--min_scale", "1", "--max_scale", "1",
                                     "--max_grad_norm", "0"],
-    "10% warm-up + cosine": ["--warmup_ratio", "0.1", "--lr_scheduler_type", "cosine"],
+    "scale jitter 1-2": ["--min_scale", "1", "--max_scale", "2"],
+    "10% warm-up + cosine": ["--warmup_steps", "0.1", "--lr_scheduler_type", "cosine"],
     "12544 sampled points": ["--loss_overrides", "train_num_points=12544"],
     "class weight 5 (2)": ["--loss_overrides", "class_weight=5"],
     "evaluation at 360 (192)": ["--eval_shortest_edge", "0"],
@@ -50,23 +58,12 @@ VARIANTS: dict[str, list[str]] = {
 MODEL = "tiny-cityscapes"
 
 
-def common_arguments(args: argparse.Namespace, seed: int, output_dir: Path) -> list[str]:
-    """The data, geometry, lr, seed and output arguments every variant shares."""
-    return [
-        "--data_dir", args.data_dir, "--output_dir", str(output_dir), "--overwrite_output_dir",
-        "--per_device_train_batch_size", str(args.batch_size), "--crop_size", args.crop_size,
-        "--min_scale", "0.75", "--max_scale", "1.25", "--eval_shortest_edge", args.crop_size.split("x")[0],
-        "--learning_rate", str(args.learning_rate), "--save_strategy", "no", "--seed", str(seed),
-        "--disable_tqdm", "True", "--dataloader_num_workers", "0", "--log_level", "warning",
-    ]
-
-
 def run_trainer_variant(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """``run_finetune.py`` with the demo recipe and the variant's change: validation curve and test mIoU."""
     curve = ValidationCurve()
     output_dir = Path(args.work_dir) / f"{variant.split(' (')[0].replace(' ', '-')}-seed{seed}"
     results = run_finetune.main([
-        "--model_name_or_path", MODEL, *common_arguments(args, seed, output_dir),
+        "--model_name_or_path", MODEL, *demo_recipe(args, seed, output_dir, args.learning_rate),
         "--max_steps", str(args.steps), "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
         *VARIANTS[variant],
     ], callbacks=[curve])
@@ -76,7 +73,7 @@ def run_trainer_variant(variant: str, seed: int, args: argparse.Namespace) -> di
 def train_plain_loop(seed: int, args: argparse.Namespace, output_dir: Path) -> None:
     """Train the decoder and head by hand on whole resized images with Adam, then save model and processor."""
     model_args, data_args, _ = run_finetune.parse_arguments(
-        ["--model_name_or_path", MODEL, *common_arguments(args, seed, output_dir)]
+        ["--model_name_or_path", MODEL, *demo_recipe(args, seed, output_dir, args.learning_rate)]
     )
     set_seed(seed)
     label_set = source_label_set(data_args)
@@ -112,7 +109,8 @@ def run_plain_loop(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     weights = Path(args.work_dir) / f"plain-loop-seed{seed}"
     train_plain_loop(seed, args, weights)
     results = run_finetune.main([
-        "--model_name_or_path", str(weights), *common_arguments(args, seed, weights.with_name(weights.name + "-eval")),
+        "--model_name_or_path", str(weights),
+        *demo_recipe(args, seed, weights.with_name(weights.name + "-eval"), args.learning_rate),
         "--do_train", "False", "--eval_strategy", "no",
     ])
     return {"curve": [(args.steps, float(results["eval_mean_iou"]))], "test": float(results["test_mean_iou"])}
@@ -122,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Run the chosen variants for every seed and print test mIoU side by side."""
     parser = training_parser(__doc__.split("\n", 1)[0], "variants", list(VARIANTS), steps=150, eval_steps=50,
                              seeds="0,1", work_dir="runs/recipe")
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
     args = parser.parse_args(argv)
     variants = chosen(parser, "variants", args.variants, list(VARIANTS))
     seeds = [int(seed) for seed in args.seeds.split(",")]

@@ -48,7 +48,6 @@ def training_parser(description: str, choice: str, choices: list[str], steps: in
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--eval_steps", type=int, default=eval_steps)
     parser.add_argument("--seeds", default=seeds, help="comma-separated training seeds")
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--crop_size", default="192x320")
     parser.add_argument("--data_dir", default="data/transfer", help="demo data (written once if missing)")
@@ -63,3 +62,14 @@ def chosen(parser: argparse.ArgumentParser, option: str, value: str, choices: li
     if unknown:
         parser.error(f"--{option}: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
     return picked
+
+
+def demo_recipe(args: argparse.Namespace, seed: int, output_dir: Path, learning_rate: float) -> list[str]:
+    """``run_finetune.py`` arguments of the demo recipe: data, crops, scale jitter 0.75-1.25, lr, seed, output."""
+    return [
+        "--data_dir", args.data_dir, "--output_dir", str(output_dir), "--overwrite_output_dir",
+        "--per_device_train_batch_size", str(args.batch_size), "--crop_size", args.crop_size,
+        "--min_scale", "0.75", "--max_scale", "1.25", "--eval_shortest_edge", args.crop_size.split("x")[0],
+        "--learning_rate", str(learning_rate), "--save_strategy", "no", "--seed", str(seed),
+        "--disable_tqdm", "True", "--dataloader_num_workers", "0", "--log_level", "warning",
+    ]
