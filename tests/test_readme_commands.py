@@ -51,6 +51,9 @@ NOT_RUN: dict[str, str] = {
     "python run_selection.py --data_dir data/idd ": "needs the real IDD tree in data/idd",
     "accelerate launch run_selection.py --data_dir data/idd ": "needs the real IDD tree in data/idd and GPUs",
     "python -m benchmarks.selection_study": "fine-tunes eight models, about 19 minutes on 2 cores (BENCHMARKS.md)",
+    "python -m benchmarks.transfer": "fine-tunes twelve models, about 30 minutes on 2 cores (BENCHMARKS.md)",
+    "python -m benchmarks.recipe": "fine-tunes two models per recipe variant, about 2.5 minutes each on 2 cores "
+        "(BENCHMARKS.md)",
     "python run_selection.py --data_dir data/idd --num_images 1500 --output_dir runs/sel --push_to_hub":
         "needs the real IDD tree in data/idd and the Hub (with a token) to publish",
     "python run_finetune.py --data_dir data/idd ": IDD_AND_HUB + "; its '...' stands for the user's other options",
