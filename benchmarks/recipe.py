@@ -72,7 +72,7 @@ def run_trainer_variant(variant: str, seed: int, args: argparse.Namespace) -> di
 
 def train_plain_loop(seed: int, args: argparse.Namespace, output_dir: Path) -> None:
     """Train the decoder and head by hand on whole resized images with Adam, then save model and processor."""
-    model_args, data_args, _ = run_finetune.parse_arguments(
+    _, data_args, _ = run_finetune.parse_arguments(
         ["--model_name_or_path", MODEL, *demo_recipe(args, seed, output_dir, args.learning_rate)]
     )
     set_seed(seed)

@@ -168,15 +168,15 @@ def test_loss_overrides_reach_the_criterion_of_built_and_loaded_models(saved_tin
     folder, original = saved_tiny
     overrides = modeling.parse_loss_overrides("train_num_points=123, no_object_weight=0.3,class_weight=4")
     assert overrides == {"train_num_points": 123, "no_object_weight": 0.3, "class_weight": 4.0}
-    for model in (load_model("tiny", idd_label_set(3), loss_overrides=overrides),
-                  load_model(str(folder), idd_label_set(3), loss_overrides=overrides)):
+    loaded = load_model(str(folder), idd_label_set(3), loss_overrides=overrides)
+    for model in (load_model("tiny", idd_label_set(3), loss_overrides=overrides), loaded):
         assert model.criterion.num_points == 123
         assert model.criterion.empty_weight[-1].item() == pytest.approx(0.3)
         assert model.weight_dict["loss_cross_entropy"] == 4.0
         assert model.weight_dict["loss_mask"] == original.weight_dict["loss_mask"]
-    loaded = load_model(str(folder), idd_label_set(3), loss_overrides=overrides)
+    loaded_parameters = dict(loaded.named_parameters())
     for name, param in original.named_parameters():
-        assert torch.equal(dict(loaded.named_parameters())[name], param), name
+        assert torch.equal(loaded_parameters[name], param), name
 
 
 @pytest.mark.parametrize(("text", "problem"), [
